@@ -1,0 +1,110 @@
+"""The P-TAME attention mechanism (paper Fig. 3): feature branches and a fusion module."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+
+
+class FeatureBranch(nn.Module):
+    """One feature branch (Fig. 3b): 1x1 conv (c -> c, bias) -> BatchNorm -> + skip -> activation.
+
+    Input and output: (B, c, h, w); spatial size and channel count are preserved.
+    """
+
+    def __init__(self, channels: int, activation: str = "relu") -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+        self.conv = nn.Conv2d(channels, channels, kernel_size=1, bias=True)
+        self.norm = nn.BatchNorm2d(channels)
+        self.activation = ACTIVATIONS[activation]()
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.activation(self.norm(self.conv(features)) + features)
+
+
+class AttentionMechanism(nn.Module):
+    """Feature branches, bilinear upsampling to the largest map, concatenation, 1x1 fusion.
+
+    Args:
+        in_channels: channel count of each auxiliary feature map, in the auxiliary's layer order.
+        num_classes: C, the number of class-specific maps (the backbone's output size).
+        activation: the branch activation.
+
+    ``forward(features)`` takes the list of (B, c_l, h_l, w_l) feature maps and returns raw fused
+    scores (B, C, h, w) at the resolution of the largest feature map (largest h*w); apply a
+    sigmoid (training, paper) or a per-map min-max (the release at evaluation) to get maps in
+    [0, 1]. Any size ratio between levels is supported (bilinear, align_corners=False).
+    """
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int, activation: str = "relu"):
+        super().__init__()
+        if len(in_channels) == 0:
+            raise ValueError("the attention mechanism needs at least one feature map")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        self.in_channels = [int(c) for c in in_channels]
+        self.num_classes = int(num_classes)
+        self.branches = nn.ModuleList(FeatureBranch(c, activation) for c in self.in_channels)
+        # No bias: the release's fusion conv has none, and a shared offset would not be a class map.
+        self.fusion = nn.Conv2d(sum(self.in_channels), self.num_classes, kernel_size=1, bias=False)
+
+    def fused_features(self, features: Sequence[Tensor]) -> Tensor:
+        """Processed, upsampled and concatenated branch outputs (B, sum(c_l), h, w)."""
+        if len(features) != len(self.branches):
+            raise ValueError(
+                f"attention mechanism built for {len(self.branches)} feature maps, "
+                f"got {len(features)}"
+            )
+        for index, (feature, channels) in enumerate(zip(features, self.in_channels, strict=True)):
+            if feature.ndim != 4 or feature.shape[1] != channels:
+                raise ValueError(
+                    f"feature map {index} should be (B, {channels}, h, w), "
+                    f"got {tuple(feature.shape)}"
+                )
+        target_size = max((f.shape[-2:] for f in features), key=lambda s: s[0] * s[1])
+        processed = []
+        for branch, feature in zip(self.branches, features, strict=True):
+            out = branch(feature)
+            if out.shape[-2:] != target_size:
+                out = F.interpolate(out, size=tuple(target_size), mode="bilinear", align_corners=False)
+            processed.append(out)
+        return torch.cat(processed, dim=1)
+
+    def forward(self, features: Sequence[Tensor], classes: Tensor | None = None) -> Tensor:
+        """Raw class scores.
+
+        Args:
+            features: list of (B, c_l, h_l, w_l) auxiliary feature maps.
+            classes: optional (B, S) class indices; when given only those S maps are computed
+                (identical values to the full fusion, at S/C of its cost).
+
+        Returns:
+            (B, C, h, w) scores, or (B, S, h, w) when ``classes`` is given.
+        """
+        fused = self.fused_features(features)
+        if classes is None:
+            return self.fusion(fused)
+        if classes.ndim != 2 or classes.shape[0] != fused.shape[0]:
+            raise ValueError(
+                f"classes must be (B, S) with B={fused.shape[0]}, got {tuple(classes.shape)}"
+            )
+        weight = self.fusion.weight.flatten(1)[classes]  # (B, S, K)
+        return torch.einsum("bsk,bkhw->bshw", weight.to(fused.dtype), fused)
+
+    def layer_contributions(self) -> list[float]:
+        """Share of the fusion weights' absolute mass that belongs to each feature branch.
+
+        Returns one fraction per auxiliary layer (summing to 1), as in Table 2 of the paper.
+        """
+        weights = self.fusion.weight.detach().abs().sum(dim=(0, 2, 3))
+        shares = [chunk.sum() for chunk in weights.split(self.in_channels)]
+        total = sum(shares)
+        return [float(s / total) for s in shares]
+

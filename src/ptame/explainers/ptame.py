@@ -1,0 +1,91 @@
+"""P-TAME behind the explainer interface, and loading it from a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from torch import Tensor
+
+from ptame.checkpoint import attention_state, read_checkpoint, verify_metadata
+from ptame.explainers.base import Explainer
+from ptame.model import PTAME, MapNormalisation, normalise_scores, upsample_maps
+from ptame.networks import AuxiliaryFeatureExtractor, Backbone
+
+
+class PTAMEExplainer(Explainer):
+    """Explanations from a trained P-TAME model in one forward pass.
+
+    One backbone forward (only when targets are not given) and one auxiliary forward per batch;
+    only the maps of the requested classes are computed.
+
+    Args:
+        model: a (trained) :class:`ptame.model.PTAME`.
+        map_normalisation: ``"sigmoid"`` (paper) or ``"minmax"`` (the release at evaluation).
+    """
+
+    name = "ptame"
+
+    def __init__(self, model: PTAME, map_normalisation: MapNormalisation = "sigmoid") -> None:
+        super().__init__(model.backbone)
+        self.model = model
+        self.map_normalisation: MapNormalisation = map_normalisation
+        normalise_scores(torch.zeros(1, 1, 1), map_normalisation)  # validates the name early
+
+    @property
+    def resolution(self) -> int:
+        """R = h * w of the maps before upsampling."""
+        return self.model.resolution
+
+    def low_resolution_maps(self, images: Tensor, targets: Tensor) -> Tensor:
+        """(B, h, w) maps in [0, 1] for ``targets`` at the explanation resolution."""
+        scores = self.model.class_scores(images, targets.view(-1, 1))
+        return normalise_scores(scores[:, 0], self.map_normalisation)
+
+    def explain(self, images: Tensor, targets: Tensor | None) -> Tensor:
+        assert targets is not None  # P-TAME always has a backbone
+        maps = self.low_resolution_maps(images, targets)
+        return upsample_maps(maps, images.shape[-2:]).clamp(0, 1)
+
+
+def load_explainer(
+    checkpoint_path: str | Path,
+    backbone: Backbone,
+    auxiliary: AuxiliaryFeatureExtractor | None = None,
+    map_normalisation: MapNormalisation = "sigmoid",
+    strict_weights: bool = True,
+    device: str | torch.device = "cpu",
+) -> PTAMEExplainer:
+    """Rebuild a trained P-TAME explainer for ``backbone`` from a checkpoint.
+
+    Args:
+        checkpoint_path: a ``.ckpt`` written by P-TAME training.
+        backbone: the frozen classifier it was trained to explain.
+        auxiliary: the auxiliary feature extractor; None rebuilds it from the recipe stored in
+            the checkpoint.
+        map_normalisation: see :class:`PTAMEExplainer`.
+        strict_weights: refuse a backbone/auxiliary whose weights differ from training.
+        device: where the explainer is placed.
+
+    Raises:
+        CheckpointMismatchError: the checkpoint was trained for another backbone or auxiliary.
+    """
+    checkpoint = read_checkpoint(checkpoint_path)
+    saved = checkpoint["ptame"]
+    if auxiliary is None:
+        recipe = saved["auxiliary"].get("config")
+        if not recipe:
+            raise ValueError(
+                f"{checkpoint_path} has no auxiliary recipe; pass the auxiliary explicitly"
+            )
+        auxiliary = instantiate(recipe)
+    model = PTAME(
+        backbone,
+        auxiliary,
+        input_size=saved["input_size"],
+        activation=saved.get("activation", "relu"),
+    )
+    verify_metadata(saved, model, strict_weights=strict_weights)
+    model.attention.load_state_dict(attention_state(checkpoint))
+    return PTAMEExplainer(model, map_normalisation).to(device).eval()

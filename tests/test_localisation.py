@@ -1,0 +1,75 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ptame.explainers import CentreGaussianExplainer, RandomExplainer
+from ptame.metrics import EnergyPointingGame, PointingGame
+from ptame.metrics.localisation import energy_shares, pointing_hits
+
+
+def test_pointing_and_energy_by_hand():
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[:, 1:3, 1:3] = True
+    maps = torch.zeros(2, 4, 4)
+    maps[0, 1, 2] = 1.0  # peak inside
+    maps[0, 0, 0] = 0.5  # some mass outside
+    maps[1, 3, 3] = 1.0  # peak outside
+    maps[1, 2, 2] = 0.25
+    assert pointing_hits(maps, masks).tolist() == [1.0, 0.0]
+    assert energy_shares(maps, masks).tolist() == pytest.approx([1 / 1.5, 0.25 / 1.25])
+    pointing, energy = PointingGame(), EnergyPointingGame()
+    pointing.update(maps[:1], masks[:1])  # batches of different sizes: per-image average
+    pointing.update(maps[1:], masks[1:])
+    energy.update(maps, masks)
+    assert pointing.compute().item() == pytest.approx(0.5)
+    assert energy.compute().item() == pytest.approx((1 / 1.5 + 0.2) / 2)
+
+
+def test_ties_score_the_fraction_of_tied_maxima_inside():
+    masks = torch.zeros(1, 2, 2, dtype=torch.bool)
+    masks[0, 0, 0] = True
+    assert pointing_hits(torch.ones(1, 2, 2), masks).item() == pytest.approx(0.25)
+    assert energy_shares(torch.zeros(1, 2, 2), masks).item() == 0.0
+
+
+def test_nan_maps_and_shape_mismatch_are_refused():
+    with pytest.raises(ValueError, match="NaN"):
+        pointing_hits(torch.full((1, 2, 2), float("nan")), torch.ones(1, 2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="same shape"):
+        energy_shares(torch.rand(1, 2, 2), torch.ones(1, 3, 3, dtype=torch.bool))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), size=st.integers(2, 12))
+def test_scores_are_fractions_and_the_true_mask_is_perfect(seed, size):
+    generator = torch.Generator().manual_seed(seed)
+    masks = torch.rand(3, size, size, generator=generator) > 0.5
+    masks[:, 0, 0] = True
+    maps = torch.rand(3, size, size, generator=generator)
+    assert ((0 <= energy_shares(maps, masks)) & (energy_shares(maps, masks) <= 1)).all()
+    assert ((0 <= pointing_hits(maps, masks)) & (pointing_hits(maps, masks) <= 1)).all()
+    assert torch.all(energy_shares(masks.float(), masks) == 1)
+    assert torch.all(pointing_hits(masks.float(), masks) == 1)
+
+
+def test_random_map_scores_the_object_area_on_average():
+    masks = torch.zeros(400, 16, 16, dtype=torch.bool)
+    masks[:, :4, :] = True  # a quarter of the image
+    maps = RandomExplainer(seed=0)(torch.rand(400, 3, 16, 16))
+    assert energy_shares(maps, masks).mean().item() == pytest.approx(0.25, abs=0.01)
+    assert pointing_hits(maps, masks).mean().item() == pytest.approx(0.25, abs=0.06)
+
+
+def test_centre_gaussian_peaks_at_the_centre_and_is_in_unit_range():
+    maps = CentreGaussianExplainer(sigma=0.25)(torch.rand(2, 3, 9, 9))
+    assert maps.shape == (2, 9, 9)
+    assert maps[0, 4, 4].item() == pytest.approx(1.0)
+    assert maps.min() > 0 and maps.max() <= 1
+    assert torch.allclose(maps[0], maps[0].T) and torch.equal(maps[0], maps[1])
+
+
+def test_random_explainer_is_reproducible_per_seed():
+    images = torch.rand(2, 3, 5, 5)
+    assert torch.equal(RandomExplainer(seed=3)(images), RandomExplainer(seed=3)(images))
+    assert not torch.equal(RandomExplainer(seed=3)(images), RandomExplainer(seed=4)(images))

@@ -1,0 +1,155 @@
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ptame.checkpoint import CheckpointMismatchError, read_checkpoint
+from ptame.explainers import load_explainer
+from ptame.lightning_module import PTAMEModule
+from ptame.losses import PTAMELoss
+
+from .conftest import make_auxiliary, make_backbone
+
+
+class RandomImages(Dataset):
+    def __init__(self, count: int = 16, size: int = 20) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.rand(count, 3, size, size, generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.images[index], "label": torch.tensor(0), "index": torch.tensor(index)}
+
+
+def make_module(backbone=None, auxiliary=None, **kwargs) -> PTAMEModule:
+    return PTAMEModule(
+        backbone or make_backbone(),
+        auxiliary or make_auxiliary(),
+        PTAMELoss(ce_weight=1.0, area_weight=1.0, variation_weight=0.1, class_subset="random", subset_size=2),
+        lr=1e-2,
+        input_size=(20, 20),
+        **kwargs,
+    )
+
+
+def fit(module: PTAMEModule, tmp_path, steps: int = 3) -> L.Trainer:
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False,
+    )
+    trainer.fit(module, DataLoader(RandomImages(), batch_size=4))
+    return trainer
+
+
+def frozen_state(module):
+    return {k: v.clone() for k, v in module.state_dict().items() if not k.startswith("ptame.attention.")}
+
+
+def test_inferred_shapes():
+    module = make_module()
+    assert module.ptame.feature_channels == [4, 6, 8]
+    assert module.ptame.feature_sizes == [[10, 10], [5, 5], [3, 3]]
+    assert module.ptame.map_size == [10, 10] and module.ptame.resolution == 100
+    assert module.ptame.num_classes == 5
+
+
+def test_training_changes_only_the_attention_and_frozen_networks_stay_in_eval(tmp_path):
+    module = make_module()
+    before_frozen = frozen_state(module)
+    before_attention = {k: v.clone() for k, v in module.ptame.attention.state_dict().items()}
+    fit(module, tmp_path)
+    assert not module.ptame.backbone.training and not module.ptame.auxiliary.training
+    assert all(not m.training for m in module.ptame.backbone.modules())
+    assert all(not m.training for m in module.ptame.auxiliary.modules())
+    for key, value in frozen_state(module).items():
+        assert torch.equal(value, before_frozen[key]), f"frozen tensor {key} changed"
+    changed = [k for k, v in module.ptame.attention.state_dict().items() if not torch.equal(v, before_attention[k])]
+    assert "fusion.weight" in changed
+    assert all(not p.requires_grad for p in module.ptame.backbone.parameters())
+    assert all(not p.requires_grad for p in module.ptame.auxiliary.parameters())
+
+
+def test_backbone_gets_no_weight_gradients_only_the_masked_image_does():
+    module = make_module()
+    terms = module.compute_loss(torch.rand(4, 3, 20, 20))
+    terms["loss"].backward()
+    assert all(p.grad is None for p in module.ptame.backbone.parameters())
+    assert all(p.grad is None for p in module.ptame.auxiliary.parameters())
+    assert module.ptame.attention.fusion.weight.grad is not None
+    assert module.ptame.attention.fusion.weight.grad.abs().sum() > 0
+
+
+def test_checkpoint_holds_only_the_head_and_round_trips_to_identical_maps(tmp_path):
+    module = make_module()
+    trainer = fit(module, tmp_path)
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code
+    assert all(k.startswith("ptame.attention.") for k in checkpoint["state_dict"])
+    meta = checkpoint["ptame"]
+    assert meta["backbone"]["name"] == "tiny-classifier"
+    assert meta["auxiliary"]["layers"] == ["level1", "level2", "level3"]
+    assert meta["num_classes"] == 5 and meta["map_size"] == [10, 10]
+
+    images = torch.rand(3, 3, 20, 20)
+    module.eval()
+    expected = module.explainer()(images)
+    explainer = load_explainer(path, make_backbone(), make_auxiliary())
+    assert torch.equal(explainer(images), expected)
+    assert expected.shape == (3, 20, 20) and 0 <= expected.min() and expected.max() <= 1
+
+
+def test_resuming_training_from_a_checkpoint_restores_the_head(tmp_path):
+    module = make_module()
+    trainer = fit(module, tmp_path, steps=2)
+    path = tmp_path / "step2.ckpt"
+    trainer.save_checkpoint(path)
+    resumed = make_module()
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False)
+    trainer.fit(resumed, DataLoader(RandomImages(), batch_size=4), ckpt_path=path)
+    for key, value in module.ptame.attention.state_dict().items():
+        assert torch.equal(resumed.ptame.attention.state_dict()[key], value)
+
+
+@pytest.mark.parametrize(
+    "backbone, auxiliary, message",
+    [
+        (lambda: make_backbone(name="other-classifier"), make_auxiliary, "trained with backbone 'tiny-classifier' but the backbone given is 'other-classifier'"),
+        (lambda: make_backbone(seed=7), make_auxiliary, "backbone 'tiny-classifier' had other weights"),
+        (make_backbone, lambda: make_auxiliary(seed=9), "auxiliary 'tiny-pyramid' had other weights"),
+    ],
+)
+def test_checkpoint_for_other_networks_is_refused(tmp_path, backbone, auxiliary, message):
+    module = make_module()
+    trainer = fit(module, tmp_path, steps=1)
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    with pytest.raises(CheckpointMismatchError, match=message):
+        load_explainer(tmp_path / "a.ckpt", backbone(), auxiliary())
+
+
+def test_checkpoint_with_another_class_count_is_refused(tmp_path):
+    module = make_module()
+    trainer = fit(module, tmp_path, steps=1)
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    with pytest.raises(CheckpointMismatchError):
+        load_explainer(tmp_path / "a.ckpt", make_backbone(num_classes=7, name="tiny-7"), make_auxiliary())
+
+
+def test_unreadable_checkpoint_names_the_file(tmp_path):
+    bad = tmp_path / "broken.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="broken.ckpt"):
+        read_checkpoint(bad)
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        read_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_non_finite_loss_stops_training_with_a_clear_error(tmp_path):
+    module = make_module()
+    with torch.no_grad():
+        module.ptame.attention.fusion.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="not finite"):
+        fit(module, tmp_path, steps=1)
