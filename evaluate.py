@@ -1,9 +1,25 @@
-"""Evaluate trained explainers (AD/IC, ROAD, ...): not yet implemented (issue 3)."""
+"""Evaluate explainers (AD/IC, ROAD, insertion/deletion, localisation, cost) on the test subset.
+
+    python evaluate.py ckpt_path=outputs/default/<date>/checkpoints/last.ckpt
+    python evaluate.py experiment=table1_resnet50 ckpt_path=... trainer=gpu
+    python evaluate.py ckpt_path=... explainers=[ptame,random] metrics.road.auc=padded
+"""
 
 from __future__ import annotations
 
-import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from ptame.evaluation_pipeline import run_evaluation
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    run_evaluation(cfg, HydraConfig.get().runtime.output_dir, Path(__file__).parent / "conf")
+
 
 if __name__ == "__main__":
-    print("evaluate.py: not yet - the faithfulness evaluation suite comes with issue 3.")
-    sys.exit(2)
+    main()

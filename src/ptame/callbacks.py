@@ -53,3 +53,71 @@ class DistributedConsistencyCheck(L.Callback):
             if self.fail_on_mismatch:
                 raise RuntimeError(message)
             log.error(message)
+
+
+class FaithfulnessEvaluation(L.Callback):
+    """After validation epochs, evaluate the explainer being trained with the faithfulness
+    metrics (AD/IC, ROAD, ...) on the first ``max_images`` validation images and log them as
+    ``val/AD@100``, ``val/ROAD_MoRF_AUC``, ...
+
+    The same images are used on 1 or N processes (split with a non-shuffling distributed
+    sampler, padded duplicates counted once), so the logged numbers do not depend on the
+    process count.
+
+    Args:
+        every_n_epochs: run after every n-th validation epoch.
+        max_images: validation images used (None: all).
+        batch_size: images per batch.
+        metrics: metric settings, see :func:`ptame.evaluation.build_metrics` (localisation is
+            added when the data has masks).
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        max_images: int | None = 256,
+        batch_size: int = 64,
+        metrics: dict | None = None,
+    ) -> None:
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be at least 1, got {every_n_epochs}")
+        self.every_n_epochs = int(every_n_epochs)
+        self.max_images = max_images
+        self.batch_size = int(batch_size)
+        self.metrics = dict(metrics) if metrics is not None else {
+            "adic": {"thresholds": [100, 50, 15]},
+            "road": {"percentages": [10, 20, 30, 40, 50, 70, 90]},
+        }
+        self.last_results: dict[str, float] = {}
+
+    def _loader(self, trainer: L.Trainer) -> torch.utils.data.DataLoader:
+        from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+        dataset = trainer.datamodule.val_dataloader().dataset
+        count = len(dataset) if self.max_images is None else min(self.max_images, len(dataset))
+        subset = Subset(dataset, range(count))
+        sampler = None
+        if trainer.world_size > 1:
+            sampler = DistributedSampler(
+                subset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
+        return DataLoader(subset, batch_size=self.batch_size, sampler=sampler, shuffle=False)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        from ptame.evaluation import build_metrics, compute_metrics, update_metrics
+
+        has_masks = bool(getattr(trainer.datamodule, "has_masks", False))
+        explainer = pl_module.explainer()
+        backbone = pl_module.ptame.backbone
+        suite = {k: m.to(pl_module.device) for k, m in build_metrics(backbone, self.metrics, has_masks).items()}
+        for batch in self._loader(trainer):
+            images = batch["image"].to(pl_module.device)
+            update_metrics(suite, images, explainer(images), batch)
+        figures, _ = compute_metrics(suite)
+        self.last_results = figures
+        for key, value in figures.items():
+            if "@" in key and key.startswith("ROAD_"):
+                continue  # curve points: keep the log short; the AUCs summarise them
+            pl_module.log(f"val/{key}", value, sync_dist=False)

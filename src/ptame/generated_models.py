@@ -254,7 +254,7 @@ def train_classifier(
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                loss_sum += float(loss) * len(index)
+                loss_sum += float(loss.detach()) * len(index)
                 correct += int((logits.argmax(1) == labels).sum())
                 seen += len(index)
                 stats = {"train_loss": loss_sum / seen, "train_accuracy": correct / seen}

@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
 from ptame.checkpoint import FROZEN_PREFIXES, strip_frozen_weights, verify_metadata
@@ -15,6 +16,17 @@ from ptame.explainers.ptame import PTAMEExplainer
 from ptame.losses import PTAMELoss
 from ptame.model import PTAME, MapNormalisation, mask_images
 from ptame.networks import AuxiliaryFeatureExtractor, Backbone
+
+
+def plain_python(value: Any) -> Any:
+    """OmegaConf containers, tuples and nested dicts as plain dicts/lists (weights_only-safe)."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {key: plain_python(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_python(item) for item in value]
+    return value
 
 
 class PTAMEModule(L.LightningModule):
@@ -66,7 +78,24 @@ class PTAMEModule(L.LightningModule):
             raise ValueError(f"model.weight_decay must be non-negative, got {weight_decay}")
         if scheduler not in ("onecycle", "none"):
             raise ValueError(f"model.scheduler must be 'onecycle' or 'none', got {scheduler!r}")
-        self.save_hyperparameters(ignore=["backbone", "auxiliary", "loss"])
+        # Plain Python values only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {
+                "lr": float(lr),
+                "weight_decay": float(weight_decay),
+                "amsgrad": bool(amsgrad),
+                "betas": [float(b) for b in betas],
+                "scheduler": str(scheduler),
+                "pct_start": float(pct_start),
+                "num_classes": None if num_classes is None else int(num_classes),
+                "input_size": [int(s) for s in input_size],
+                "activation": str(activation),
+                "map_normalisation": str(map_normalisation),
+                "channels_last": bool(channels_last),
+                "compile": bool(compile),
+                "seed": int(seed),
+            }
+        )
         self.ptame = PTAME(backbone, auxiliary, num_classes, input_size, activation)
         self.loss = loss
         self._subset_generator: torch.Generator | None = None
@@ -178,7 +207,9 @@ class PTAMEModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the trainable head; add the metadata that rebuilds and checks it."""
         checkpoint["state_dict"] = strip_frozen_weights(checkpoint["state_dict"])
-        checkpoint["ptame"] = self.ptame.metadata()
+        checkpoint["ptame"] = plain_python(self.ptame.metadata())
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = plain_python(checkpoint["hyper_parameters"])
         if self._subset_generator is not None:
             checkpoint["ptame_subset_generator"] = self._subset_generator.get_state()
 

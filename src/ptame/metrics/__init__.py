@@ -1,5 +1,29 @@
-"""Evaluation metrics; each is a torchmetrics ``Metric`` that runs on the images' device."""
+"""Evaluation metrics. Each is a torchmetrics ``Metric`` that runs batch-wise on the images'
+device, keeps one value per image (by dataset index) and gives the same number on 1 or N
+processes."""
 
+from ptame.metrics.confidence import AverageDropIncrease
+from ptame.metrics.cost import ExplainerCost, measure_cost
+from ptame.metrics.insertion_deletion import InsertionDeletion
 from ptame.metrics.localisation import EnergyPointingGame, PointingGame
+from ptame.metrics.road import ROAD, curve_auc
 
-__all__ = ["EnergyPointingGame", "PointingGame"]
+
+def noisy_linear_imputation(images, keep, noise_std=0.01, generator=None):
+    """See :func:`ptame.metrics.imputation.noisy_linear_imputation`."""
+    from ptame.metrics.imputation import noisy_linear_imputation as impute
+
+    return impute(images, keep, noise_std=noise_std, generator=generator)
+
+
+__all__ = [
+    "ROAD",
+    "AverageDropIncrease",
+    "EnergyPointingGame",
+    "ExplainerCost",
+    "InsertionDeletion",
+    "PointingGame",
+    "curve_auc",
+    "measure_cost",
+    "noisy_linear_imputation",
+]

@@ -1,14 +1,15 @@
 """Localisation against ground-truth object masks: pointing game and energy-based pointing game.
 
-Both are averaged per image over all images seen (sums and counts are reduced across processes,
-so 1 or N processes give the same number on the same images).
+Both are averaged per image over all images seen; values are kept per dataset index, so the
+duplicates a DistributedSampler pads in are counted once and 1 or N processes agree.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
+
+from ptame.metrics.base import PerImageMetric
 
 
 def _check(maps: Tensor, masks: Tensor) -> None:
@@ -47,40 +48,36 @@ def energy_shares(maps: Tensor, masks: Tensor) -> Tensor:
     return torch.where(total > 0, inside / total.clamp_min(1e-300), torch.zeros_like(total)).float()
 
 
-class _PerImageMean(Metric):
-    """Mean of a per-image score, reduced as (sum, count) across processes."""
+class _LocalisationMetric(PerImageMetric):
+    """Mean of a per-image localisation score; duplicates (same dataset index) count once."""
 
-    full_state_update = False
     higher_is_better = True
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def score(self, maps: Tensor, masks: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def update(self, maps: Tensor, masks: Tensor) -> None:
-        """Add a batch: maps (B, H, W) saliency, masks (B, H, W) bool object masks."""
+    def update(self, maps: Tensor, masks: Tensor, indices: Tensor | None = None) -> None:
+        """Add a batch: maps (B, H, W) saliency, masks (B, H, W) bool object masks, indices (B,)
+        dataset indices (None numbers the images seen so far 0, 1, ... on this process)."""
         scores = self.score(maps, masks)
-        self.total += scores.double().sum()
-        self.count += scores.numel()
+        if indices is None:
+            offset = sum(int(i.numel()) for i in self.indices) if isinstance(self.indices, list) else 0
+            indices = torch.arange(offset, offset + scores.numel(), device=scores.device)
+        self._record(torch.as_tensor(indices, device=scores.device).view(-1), scores)
 
     def compute(self) -> Tensor:
-        if self.count == 0:
-            raise ValueError(f"{type(self).__name__}.compute() called before any update")
-        return (self.total / self.count).float()
+        _, values = self.per_image()
+        return values.mean().float()
 
 
-class PointingGame(_PerImageMean):
+class PointingGame(_LocalisationMetric):
     """Fraction of images whose map maximum lies inside the object (see :func:`pointing_hits`)."""
 
     def score(self, maps: Tensor, masks: Tensor) -> Tensor:
         return pointing_hits(maps, masks)
 
 
-class EnergyPointingGame(_PerImageMean):
+class EnergyPointingGame(_LocalisationMetric):
     """Mean share of map mass inside the object (see :func:`energy_shares`)."""
 
     def score(self, maps: Tensor, masks: Tensor) -> Tensor:

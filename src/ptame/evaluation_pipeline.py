@@ -1,0 +1,92 @@
+"""The evaluation pipeline behind ``evaluate.py``: build the explainers named in the config,
+run every metric on the same test images (1 or N processes), write the result tables."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Subset
+
+from ptame.evaluation import ExplainerEvaluation, evaluate_costs, markdown_table, write_results
+from ptame.explainers.base import Explainer
+from ptame.training import configure_torch
+
+log = logging.getLogger(__name__)
+
+# the repository's conf/ (editable installs); evaluate.py passes its own folder explicitly
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def available_explainers(conf_dir: Path = CONF_DIR) -> list[str]:
+    """Names of the explainer configs in ``conf/explainer/``."""
+    return sorted(path.stem for path in (conf_dir / "explainer").glob("*.yaml"))
+
+
+def build_explainer(name: str, cfg: DictConfig, backbone: Any, conf_dir: Path = CONF_DIR) -> Explainer:
+    """Instantiate ``conf/explainer/<name>.yaml`` (interpolations resolved against ``cfg``, then
+    ``cfg.explainer_options.<name>`` applied) for ``backbone``."""
+    path = conf_dir / "explainer" / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown explainer {name!r}; available: {available_explainers(conf_dir)}")
+    if name == "ptame" and not cfg.get("ckpt_path"):
+        raise ValueError("explainer 'ptame' needs ckpt_path=<run>/checkpoints/last.ckpt")
+    node = OmegaConf.merge(OmegaConf.load(path), (cfg.get("explainer_options") or {}).get(name) or {})
+    root = OmegaConf.create({**OmegaConf.to_container(cfg, resolve=False), "explainer": node})
+    explainer = instantiate(root.explainer, backbone=backbone)
+    explainer.name = name
+    return explainer.eval()
+
+
+def test_loader(datamodule: Any, max_images: int | None) -> DataLoader:
+    """The datamodule's test images (the first ``max_images``), with its batch size."""
+    datamodule.setup("test")
+    loader = datamodule.test_dataloader()
+    dataset = loader.dataset
+    if max_images is not None:
+        dataset = Subset(dataset, range(min(int(max_images), len(dataset))))
+    return DataLoader(dataset, batch_size=loader.batch_size, num_workers=loader.num_workers, shuffle=False)
+
+
+def run_evaluation(
+    cfg: DictConfig, run_dir: str | Path, conf_dir: str | Path = CONF_DIR
+) -> dict[str, dict[str, float]]:
+    """Evaluate ``cfg.explainers`` on the test subset; write results.{json,csv,md} and
+    road_curves.png into ``run_dir``. Returns ``{method: {metric: value}}`` (rank 0).
+
+    ``conf_dir`` is the config folder holding ``explainer/<name>.yaml``."""
+    run_dir = Path(run_dir)
+    configure_torch(cfg)
+    L.seed_everything(int(cfg.seed), workers=True)
+    datamodule = instantiate(cfg.data)
+    backbone = instantiate(cfg.backbone)
+    names = list(cfg.explainers)
+    if not names:
+        raise ValueError("explainers is empty: name at least one config of conf/explainer/")
+    explainers = {name: build_explainer(name, cfg, backbone, Path(conf_dir)) for name in names}
+    loader = test_loader(datamodule, cfg.get("max_images"))
+    module = ExplainerEvaluation(
+        explainers, backbone, OmegaConf.to_container(cfg.metrics, resolve=True),
+        has_masks=bool(getattr(datamodule, "has_masks", False)),
+    )
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=False, callbacks=[], inference_mode=False,
+        enable_checkpointing=False, default_root_dir=str(run_dir),
+    )
+    trainer.test(module, dataloaders=loader, verbose=False)
+    if not trainer.is_global_zero:
+        return module.results
+    results = {name: dict(figures) for name, figures in module.results.items()}
+    if int(cfg.get("cost_images", 0)) > 0:
+        images = next(iter(loader))["image"][: int(cfg.cost_images)].to(module.device)
+        for name, cost in evaluate_costs(explainers, images).items():
+            results[name].update(cost)
+    paths = write_results(run_dir, results, module.curves)
+    print(f"\nResults on {len(loader.dataset)} test images:\n{markdown_table(results)}")
+    log.info("results written to %s", ", ".join(str(p) for p in paths.values()))
+    return results

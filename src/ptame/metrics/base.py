@@ -1,0 +1,102 @@
+"""Shared machinery of the faithfulness metrics.
+
+Every metric is a torchmetrics ``Metric`` that records one value per image together with the
+image's dataset index. ``compute()`` keeps one value per index, so the duplicates that a
+``DistributedSampler`` pads onto the last batches of some processes are never counted twice,
+and 1 or N processes give the same number on the same images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+BackboneFn = Callable[[Tensor], Tensor]
+
+
+def deduplicate(indices: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """Keep the first row per unique index.
+
+    Args:
+        indices: (N,) int64 dataset indices (may repeat).
+        values: (N, ...) per-image values.
+
+    Returns:
+        (unique indices sorted ascending, their values).
+    """
+    order = torch.argsort(indices, stable=True)
+    indices, values = indices[order], values[order]
+    first = torch.ones_like(indices, dtype=torch.bool)
+    first[1:] = indices[1:] != indices[:-1]
+    return indices[first], values[first]
+
+
+def top_fraction_mask(maps: Tensor, fraction: float) -> Tensor:
+    """Boolean mask of exactly round(fraction * H * W) highest-valued pixels per map.
+
+    Ties at the threshold are broken by pixel order (``torch.topk``), so never more than the
+    requested share of pixels is selected.
+
+    Args:
+        maps: (B, H, W) saliency.
+        fraction: share of pixels to select, in [0, 1].
+
+    Returns:
+        (B, H, W) bool.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    batch, height, width = maps.shape
+    count = int(round(fraction * height * width))
+    flat = maps.reshape(batch, -1)
+    selected = torch.zeros_like(flat, dtype=torch.bool)
+    if count > 0:
+        selected.scatter_(1, flat.topk(count, dim=1).indices, True)
+    return selected.view(batch, height, width)
+
+
+def check_batch(images: Tensor, maps: Tensor, indices: Tensor | None, who: str) -> Tensor:
+    """Validate a metric update; returns indices (B,) int64 (arange when none are given)."""
+    if images.ndim != 4:
+        raise ValueError(f"{who}: images must be (B, C, H, W), got {tuple(images.shape)}")
+    expected = (images.shape[0], *images.shape[-2:])
+    if tuple(maps.shape) != expected:
+        raise ValueError(f"{who}: maps must be (B, H, W) = {expected}, got {tuple(maps.shape)}")
+    if not torch.isfinite(maps).all():
+        raise ValueError(f"{who}: saliency maps contain NaN or infinite values")
+    if indices is None:
+        raise ValueError(
+            f"{who}: pass the images' dataset indices (batch['index']) so that padded "
+            "duplicates under DistributedSampler are not counted twice"
+        )
+    indices = torch.as_tensor(indices, device=images.device).long().view(-1)
+    if indices.shape[0] != images.shape[0]:
+        raise ValueError(f"{who}: got {indices.shape[0]} indices for {images.shape[0]} images")
+    return indices
+
+
+class PerImageMetric(Metric):
+    """Stores (index, per-image values) pairs; subclasses turn them into figures."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("indices", default=[], dist_reduce_fx="cat")
+        self.add_state("values", default=[], dist_reduce_fx="cat")
+
+    def _record(self, indices: Tensor, values: Tensor) -> None:
+        self.indices.append(indices.detach().long())
+        self.values.append(values.detach().double())
+
+    def per_image(self) -> tuple[Tensor, Tensor]:
+        """(unique indices (N,), values (N, ...)) over everything seen on all processes."""
+        if isinstance(self.indices, list) and not self.indices:
+            raise ValueError(f"{type(self).__name__}.compute() called before any update")
+        indices = dim_zero_cat(self.indices)
+        values = dim_zero_cat(self.values)
+        return deduplicate(indices, values)

@@ -1,0 +1,69 @@
+"""Average Drop and Increase in Confidence (Chattopadhyay et al., Grad-CAM++; P-TAME Eq. 5-6)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ptame.metrics.base import BackboneFn, PerImageMetric, check_batch, top_fraction_mask
+
+
+def _format_threshold(value: float) -> str:
+    return f"{value:g}"
+
+
+class AverageDropIncrease(PerImageMetric):
+    """AD(v) = mean over images of max(0, p - p_m) / p and IC(v) = mean(p_m > p), in percent.
+
+    p = softmax(f(x))[c*] on the [0, 1] image, c* = argmax f(x); p_m = softmax(f(x * M_v))[c*]
+    where M_v keeps the top v% pixels of the map, with their map values (``soft=True``, as the
+    authors' release does) or as ones (``soft=False``), and zeroes the others (black pixels).
+    Exactly round(v% * H * W) pixels are kept, whatever the ties. Averaged per image.
+
+    Args:
+        backbone: frozen classifier taking [0, 1] images (normalises inside).
+        thresholds: v values in percent.
+        soft: keep map values (True) or a binary mask (False).
+    """
+
+    higher_is_better = None
+
+    def __init__(
+        self, backbone: BackboneFn, thresholds: Sequence[float] = (100, 50, 15), soft: bool = True, **kwargs
+    ) -> None:
+        super().__init__(**kwargs)
+        if not thresholds or any(not 0 < v <= 100 for v in thresholds):
+            raise ValueError(f"AD/IC thresholds must be percentages in (0, 100], got {list(thresholds)}")
+        self.__dict__["backbone"] = backbone  # not a submodule: no weights in the metric state
+        self.thresholds = [float(v) for v in thresholds]
+        self.soft = bool(soft)
+
+    @torch.no_grad()
+    def update(self, images: Tensor, maps: Tensor, indices: Tensor | None = None) -> None:
+        """images (B, 3, H, W) in [0, 1]; maps (B, H, W) in [0, 1] explaining c*; indices (B,)."""
+        indices = check_batch(images, maps, indices, "AverageDropIncrease")
+        probabilities = self.backbone(images).float().softmax(dim=1)
+        predictions = probabilities.argmax(dim=1, keepdim=True)
+        original = probabilities.gather(1, predictions).squeeze(1)
+        columns = []
+        for threshold in self.thresholds:
+            keep = top_fraction_mask(maps, threshold / 100)
+            mask = torch.where(keep, maps, torch.zeros_like(maps)) if self.soft else keep.to(maps.dtype)
+            masked = self.backbone(images * mask.unsqueeze(1).to(images.dtype)).float().softmax(dim=1)
+            after = masked.gather(1, predictions).squeeze(1)
+            drop = (original - after).clamp_min(0) / original.clamp_min(torch.finfo(original.dtype).tiny)
+            columns += [drop, (after > original).to(drop.dtype)]
+        self._record(indices, torch.stack(columns, dim=1))
+
+    def compute(self) -> dict[str, Tensor]:
+        """``{"AD@v": percent, "IC@v": percent}`` for each threshold v."""
+        _, values = self.per_image()
+        means = values.mean(dim=0) * 100
+        results = {}
+        for position, threshold in enumerate(self.thresholds):
+            name = _format_threshold(threshold)
+            results[f"AD@{name}"] = means[2 * position].float()
+            results[f"IC@{name}"] = means[2 * position + 1].float()
+        return results

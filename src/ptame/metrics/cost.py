@@ -1,0 +1,85 @@
+"""Cost figures of an explainer, measured (never declared): backbone forward passes, GFLOPs and
+milliseconds per explanation, and the explanation resolution R."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@dataclass
+class ExplainerCost:
+    """Per-explanation cost of one explainer on one batch of images."""
+
+    forward_passes: float
+    gflops: float
+    ms_per_image: float
+    resolution: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "forward_passes": self.forward_passes,
+            "gflops": self.gflops,
+            "ms_per_image": self.ms_per_image,
+            "resolution": float(self.resolution),
+        }
+
+
+class _ForwardCounter:
+    """Counts the images that pass through a module's forward."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.images = 0
+        self.handle = module.register_forward_pre_hook(self._count)
+
+    def _count(self, module: nn.Module, inputs: tuple) -> None:
+        if inputs and isinstance(inputs[0], Tensor):
+            self.images += int(inputs[0].shape[0])
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_cost(explainer: nn.Module, images: Tensor, repeats: int = 1) -> ExplainerCost:
+    """Measure an explainer explaining the backbone's predictions for ``images`` (B, 3, H, W).
+
+    Forward passes = images seen by the explainer's backbone / images explained (the backbone
+    call that finds the prediction counts). GFLOPs by ``torch.utils.flop_counter`` over the whole
+    explanation (backbone, auxiliary, explainer), per image. Milliseconds: median of ``repeats``
+    timed runs after one untimed warm-up, per image. R: the explainer's ``resolution`` attribute
+    (h * w before upsampling) or H * W when it has none.
+    """
+    batch = images.shape[0]
+    backbone = getattr(explainer, "backbone", None)
+    counter = _ForwardCounter(backbone) if isinstance(backbone, nn.Module) else None
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as flops:
+            explainer(images)
+        passes = counter.images / batch if counter is not None else float("nan")
+    finally:
+        if counter is not None:
+            counter.close()
+    timings = []
+    for _ in range(max(1, repeats)):
+        _synchronise(images.device)
+        start = time.perf_counter()
+        explainer(images)
+        _synchronise(images.device)
+        timings.append(time.perf_counter() - start)
+    timings.sort()
+    resolution = getattr(explainer, "resolution", None) or images.shape[-2] * images.shape[-1]
+    return ExplainerCost(
+        forward_passes=passes,
+        gflops=flops.get_total_flops() / batch / 1e9,
+        ms_per_image=timings[len(timings) // 2] / batch * 1000,
+        resolution=int(resolution),
+    )

@@ -1,0 +1,110 @@
+"""Insertion and deletion (Petsiuk et al., RISE, BMVC 2018).
+
+Deletion starts from the image and replaces pixels by a substrate, most salient first; insertion
+starts from the substrate and puts the image's pixels back, most salient first. After each of
+``steps`` equal steps the backbone's softmax(c*) is recorded (c* = argmax f(x)); the score is
+the normalised trapezoid AUC of that curve over [0, 1] (each curve has steps + 1 points).
+Deletion: lower is better; insertion: higher is better.
+
+Substrates: ``"zero"`` (black) or ``"blur"`` (Gaussian blur of the image; RISE's insertion
+default: kernel 11, sigma 5). Defaults: deletion on zeros, insertion on blur, as in RISE.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch import Tensor
+
+from ptame.metrics.base import BackboneFn, PerImageMetric, check_batch
+from ptame.metrics.ranking import jittered
+
+MODES = ("insertion", "deletion")
+
+
+def substrate(images: Tensor, kind: str, blur_kernel: int = 11, blur_sigma: float = 5.0) -> Tensor:
+    """The image every pixel is taken from / put into: zeros or a Gaussian-blurred copy."""
+    if kind == "zero":
+        return torch.zeros_like(images)
+    if kind == "blur":
+        return TF.gaussian_blur(images, kernel_size=[blur_kernel, blur_kernel], sigma=[blur_sigma, blur_sigma])
+    raise ValueError(f"unknown substrate {kind!r}; use 'zero' or 'blur'")
+
+
+class InsertionDeletion(PerImageMetric):
+    """Insertion and deletion AUCs (and curves) of the backbone's confidence in c*.
+
+    Args:
+        backbone: frozen classifier taking [0, 1] images.
+        steps: number of equal steps from 0% to 100% of the pixels (the curve has steps+1 points).
+        insertion_substrate, deletion_substrate: ``"blur"`` or ``"zero"``.
+        seed: seeds the tie-breaking jitter per image (via its dataset index).
+        chunk_size: images per backbone call.
+    """
+
+    higher_is_better = None
+
+    def __init__(
+        self,
+        backbone: BackboneFn,
+        steps: int = 32,
+        insertion_substrate: str = "blur",
+        deletion_substrate: str = "zero",
+        seed: int = 0,
+        chunk_size: int = 128,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if steps < 1:
+            raise ValueError(f"insertion/deletion steps must be at least 1, got {steps}")
+        for kind in (insertion_substrate, deletion_substrate):
+            if kind not in ("zero", "blur"):
+                raise ValueError(f"unknown substrate {kind!r}; use 'zero' or 'blur'")
+        self.__dict__["backbone"] = backbone
+        self.steps = int(steps)
+        self.substrates = {"insertion": insertion_substrate, "deletion": deletion_substrate}
+        self.seed = int(seed)
+        self.chunk_size = int(chunk_size)
+
+    def _curve(self, images: Tensor, order: Tensor, start: Tensor, end: Tensor, targets: Tensor) -> Tensor:
+        """Confidence (B, steps+1) while pixels switch from ``start`` to ``end`` in ``order``."""
+        batch, channels, height, width = images.shape
+        pixels = height * width
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(pixels, device=order.device).expand(batch, pixels))
+        counts = [math.ceil(pixels * s / self.steps) for s in range(self.steps + 1)]
+        confidences = []
+        for b in range(batch):
+            switched = torch.stack([rank[b] < c for c in counts]).view(-1, 1, height, width)
+            sequence = torch.where(switched, end[b : b + 1], start[b : b + 1])
+            values = []
+            for chunk in sequence.split(self.chunk_size):
+                probabilities = self.backbone(chunk).float().softmax(dim=1)
+                values.append(probabilities[:, targets[b]])
+            confidences.append(torch.cat(values))
+        return torch.stack(confidences)
+
+    @torch.no_grad()
+    def update(self, images: Tensor, maps: Tensor, indices: Tensor | None = None) -> None:
+        """images (B, 3, H, W) in [0, 1]; maps (B, H, W); indices (B,) dataset indices."""
+        indices = check_batch(images, maps, indices, "InsertionDeletion")
+        targets = self.backbone(images).argmax(dim=1)
+        order = jittered(maps, indices, self.seed).flatten(1).argsort(dim=1, descending=True)
+        insertion = self._curve(images, order, substrate(images, self.substrates["insertion"]), images, targets)
+        deletion = self._curve(images, order, images, substrate(images, self.substrates["deletion"]), targets)
+        self._record(indices, torch.stack([insertion, deletion], dim=1))
+
+    def curves(self) -> dict[str, Tensor]:
+        """Mean confidence curves ``insertion`` and ``deletion``, each (steps + 1,)."""
+        _, values = self.per_image()
+        means = values.mean(dim=0)
+        return {mode: means[m] for m, mode in enumerate(MODES)}
+
+    def compute(self) -> dict[str, Tensor]:
+        """``insertion_AUC`` and ``deletion_AUC`` (normalised trapezoid, in [0, 1])."""
+        _, values = self.per_image()
+        x = torch.linspace(0, 1, self.steps + 1, dtype=values.dtype, device=values.device)
+        aucs = torch.trapezoid(values, x, dim=-1).mean(dim=0)
+        return {f"{mode}_AUC": aucs[m].float() for m, mode in enumerate(MODES)}

@@ -1,0 +1,195 @@
+"""ROAD: RemOve And Debias (Rong et al., ICML 2022), MoRF and LeRF orders.
+
+For each percentage p, the top (MoRF, most relevant first) or bottom (LeRF) p% of pixels by map
+rank are removed and infilled by an imputer; the backbone's accuracy on the imputed images
+(argmax f(x_imputed) == c*, c* = argmax f(x)) and its mean softmax(c*) form a curve over p.
+
+AUC conventions (``auc=``):
+- ``"normalised"`` (default): trapezoid over the curve points (p as a fraction) divided by the
+  span of p, i.e. the mean height of the curve between the smallest and largest p, in [0, 1].
+- ``"padded"``: the authors' release: the curve extended with (0, 1.0) and (1.0, 0.0), trapezoid
+  over [0, 1]. Use it to compare with the published Table 1 numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ptame.metrics.base import BackboneFn, PerImageMetric, check_batch, top_fraction_mask
+from ptame.metrics.ranking import jittered, per_image_normal
+
+ORDERS = ("MoRF", "LeRF")
+
+
+def zero_imputation(images: Tensor, keep: Tensor) -> Tensor:
+    """Removed pixels become 0 (black)."""
+    return images * keep.unsqueeze(1).to(images.dtype)
+
+
+def mean_imputation(images: Tensor, keep: Tensor) -> Tensor:
+    """Removed pixels take the per-image, per-channel mean of the kept pixels (0 if none kept)."""
+    weights = keep.unsqueeze(1).to(images.dtype)
+    count = weights.sum(dim=(2, 3), keepdim=True)
+    mean = (images * weights).sum(dim=(2, 3), keepdim=True) / count.clamp_min(1)
+    return torch.where(keep.unsqueeze(1), images, mean.expand_as(images))
+
+
+def telea_imputation(images: Tensor, keep: Tensor, radius: int = 3) -> Tensor:
+    """OpenCV Telea inpainting (the release's default), per image on the CPU, 8-bit."""
+    import cv2
+    import numpy as np
+
+    results = []
+    for image, kept in zip(images, keep, strict=True):
+        pixels = (image.detach().permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        holes = (~kept).cpu().numpy().astype(np.uint8)
+        filled = cv2.inpaint(np.ascontiguousarray(pixels), holes, radius, cv2.INPAINT_TELEA)
+        filled_tensor = torch.from_numpy(filled).permute(2, 0, 1).to(images.dtype) / 255
+        results.append(torch.where(kept.cpu().unsqueeze(0), image.cpu(), filled_tensor))
+    return torch.stack(results).to(images.device)
+
+
+def noisy_linear_exact(images: Tensor, keep: Tensor) -> Tensor:
+    """Noisy linear imputation without its noise (the metric adds per-image seeded noise)."""
+    from ptame.metrics.imputation import noisy_linear_imputation
+
+    return noisy_linear_imputation(images, keep, noise_std=0.0)
+
+
+IMPUTERS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "noisy_linear": noisy_linear_exact,
+    "telea": telea_imputation,
+    "mean": mean_imputation,
+    "zero": zero_imputation,
+}
+
+
+def curve_auc(fractions: Sequence[float], heights: Tensor, convention: str = "normalised") -> Tensor:
+    """Area under a curve sampled at ``fractions`` (ascending, in [0, 1]).
+
+    Args:
+        fractions: x positions.
+        heights: (..., len(fractions)) y values.
+        convention: ``"normalised"`` or ``"padded"`` (see the module docstring).
+    """
+    x = torch.tensor(list(fractions), dtype=heights.dtype, device=heights.device)
+    y = heights
+    if convention == "padded":
+        x = torch.cat([x.new_zeros(1), x, x.new_ones(1)])
+        y = torch.cat([y.new_ones(*y.shape[:-1], 1), y, y.new_zeros(*y.shape[:-1], 1)], dim=-1)
+        return torch.trapezoid(y, x, dim=-1)
+    if convention == "normalised":
+        if len(fractions) == 1:
+            return y[..., 0]
+        return torch.trapezoid(y, x, dim=-1) / (x[-1] - x[0])
+    raise ValueError(f"unknown AUC convention {convention!r}; use 'normalised' or 'padded'")
+
+
+class ROAD(PerImageMetric):
+    """ROAD MoRF / LeRF curves and their AUC.
+
+    Args:
+        backbone: frozen classifier taking [0, 1] images.
+        percentages: removal percentages, ascending (paper: 10, 20, 30, 40, 50, 70, 90).
+        imputer: ``"noisy_linear"`` (default; the ROAD paper's), ``"telea"``, ``"mean"``,
+            ``"zero"``, or a callable ``(images, keep) -> images``.
+        noise_std: std of the Gaussian noise added to imputed pixels (noisy linear only).
+        auc: AUC convention, ``"normalised"`` or ``"padded"``.
+        seed: seeds the tie-breaking jitter and the noise, per image via its dataset index.
+        chunk_size: imputed images per backbone call (memory bound).
+    """
+
+    higher_is_better = None
+
+    def __init__(
+        self,
+        backbone: BackboneFn,
+        percentages: Sequence[float] = (10, 20, 30, 40, 50, 70, 90),
+        imputer: str | Callable[[Tensor, Tensor], Tensor] = "noisy_linear",
+        noise_std: float = 0.01,
+        auc: str = "normalised",
+        seed: int = 0,
+        chunk_size: int = 128,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        percentages = [float(p) for p in percentages]
+        if not percentages or sorted(percentages) != percentages or not all(0 < p < 100 for p in percentages):
+            raise ValueError(f"ROAD percentages must be ascending, in (0, 100), got {percentages}")
+        if isinstance(imputer, str) and imputer not in IMPUTERS:
+            raise ValueError(f"unknown ROAD imputer {imputer!r}; choose from {sorted(IMPUTERS)}")
+        curve_auc([0.5], torch.zeros(1), auc)  # validates the convention name
+        self.__dict__["backbone"] = backbone
+        self.percentages = percentages
+        self.imputer_name = imputer if isinstance(imputer, str) else getattr(imputer, "__name__", "custom")
+        self.__dict__["impute"] = IMPUTERS[imputer] if isinstance(imputer, str) else imputer
+        self.noise_std = float(noise_std)
+        self.auc = auc
+        self.seed = int(seed)
+        self.chunk_size = int(chunk_size)
+
+    def removal_masks(self, maps: Tensor, indices: Tensor) -> Tensor:
+        """keep masks (B, 2, P, H, W): False = removed, for MoRF then LeRF, per percentage."""
+        ranked = jittered(maps, indices, self.seed)
+        masks = []
+        for scores in (ranked, -ranked):  # MoRF removes the highest, LeRF the lowest
+            masks.append(torch.stack([~top_fraction_mask(scores, p / 100) for p in self.percentages], dim=1))
+        return torch.stack(masks, dim=1)
+
+    def _imputed(self, images: Tensor, keep: Tensor, indices: Tensor) -> Tensor:
+        imputed = self.impute(images, keep)
+        if self.imputer_name == "noisy_linear" and self.noise_std > 0:
+            noise = per_image_normal(indices, tuple(images.shape[1:]), self.seed + 1, images.device)
+            imputed = torch.where(keep.unsqueeze(1), imputed, imputed + self.noise_std * noise.to(imputed.dtype))
+        return imputed
+
+    @torch.no_grad()
+    def update(self, images: Tensor, maps: Tensor, indices: Tensor | None = None) -> None:
+        """images (B, 3, H, W) in [0, 1]; maps (B, H, W); indices (B,) dataset indices."""
+        indices = check_batch(images, maps, indices, "ROAD")
+        batch, channels, height, width = images.shape
+        predictions = self.backbone(images).argmax(dim=1)
+        keep = self.removal_masks(maps, indices)  # (B, 2, P, H, W)
+        steps = keep.shape[1] * keep.shape[2]
+        flat_keep = keep.reshape(batch * steps, height, width)
+        flat_images = images.unsqueeze(1).expand(batch, steps, channels, height, width).reshape(-1, channels, height, width)
+        flat_indices = indices.repeat_interleave(steps) * steps + torch.arange(steps, device=indices.device).repeat(batch)
+        flat_targets = predictions.repeat_interleave(steps)
+        correct, confidence = [], []
+        for start in range(0, flat_keep.shape[0], self.chunk_size):
+            part = slice(start, start + self.chunk_size)
+            imputed = self._imputed(flat_images[part], flat_keep[part], flat_indices[part])
+            probabilities = self.backbone(imputed).float().softmax(dim=1)
+            correct.append((probabilities.argmax(dim=1) == flat_targets[part]).double())
+            confidence.append(probabilities.gather(1, flat_targets[part].view(-1, 1)).squeeze(1).double())
+        values = torch.stack([torch.cat(correct), torch.cat(confidence)], dim=1)
+        self._record(indices, values.view(batch, 2, len(self.percentages), 2))
+
+    def curves(self) -> dict[str, Tensor]:
+        """Mean accuracy and confidence per percentage: keys ``MoRF``, ``LeRF`` (accuracy) and
+        ``MoRF_confidence``, ``LeRF_confidence``, each (P,)."""
+        _, values = self.per_image()
+        means = values.mean(dim=0)  # (2, P, 2)
+        return {
+            **{order: means[o, :, 0] for o, order in enumerate(ORDERS)},
+            **{f"{order}_confidence": means[o, :, 1] for o, order in enumerate(ORDERS)},
+        }
+
+    def compute(self) -> dict[str, Tensor]:
+        """``ROAD_MoRF_AUC``, ``ROAD_LeRF_AUC`` (accuracy AUCs, fractions), the confidence AUCs,
+        and the curve points ``ROAD_MoRF@p`` / ``ROAD_LeRF@p``."""
+        curves = self.curves()
+        fractions = [p / 100 for p in self.percentages]
+        results = {}
+        for order in ORDERS:
+            results[f"ROAD_{order}_AUC"] = curve_auc(fractions, curves[order], self.auc).float()
+            results[f"ROAD_{order}_confidence_AUC"] = curve_auc(
+                fractions, curves[f"{order}_confidence"], self.auc
+            ).float()
+            for p, value in zip(self.percentages, curves[order], strict=True):
+                results[f"ROAD_{order}@{p:g}"] = value.float()
+        return results

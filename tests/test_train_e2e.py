@@ -1,0 +1,89 @@
+"""train.py end to end through Hydra on the tiny `smoke` experiment, single process and DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ptame.explainers import load_explainer
+from ptame.generated_models import generated_backbone
+
+from .paths import REPO_ROOT
+
+SMOKE_KEYS = [
+    "ptame/pointing_game", "ptame/energy_pointing_game", "random/pointing_game",
+    "random/energy_pointing_game", "centre_gaussian/pointing_game",
+    "centre_gaussian/energy_pointing_game",
+]
+
+
+def run_train(run_dir, cache_dir, *overrides, timeout=300) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "train.py", "experiment=smoke", f"paths.cache_dir={cache_dir}",
+        f"hydra.run.dir={run_dir}", *overrides,
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("ptame-cache")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, cache_dir):
+    run_dir = tmp_path_factory.mktemp("smoke-run")
+    result = run_train(run_dir, cache_dir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return run_dir, result
+
+
+def test_smoke_run_writes_metrics_checkpoint_logs_and_overlays(smoke_run):
+    run_dir, result = smoke_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in SMOKE_KEYS:
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["explanation_resolution"] == 16 * 16
+    assert "Localisation on held-out images" in result.stdout
+    assert (run_dir / "overlays.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(run_dir / "csv" / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    logged = {key for row in rows for key, value in row.items() if value}
+    assert {"train/loss", "train/ce", "train/area", "train/variation", "val/loss"} <= logged
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(key.startswith("ptame.attention.") for key in checkpoint["state_dict"])
+
+
+def test_smoke_checkpoint_explains_with_the_inference_api(smoke_run, cache_dir):
+    run_dir, _ = smoke_run
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    backbone = generated_backbone(**{k: v for k, v in checkpoint["ptame"]["backbone"]["config"].items() if k != "_target_"})
+    explainer = load_explainer(run_dir / "checkpoints" / "last.ckpt", backbone)  # auxiliary from its recipe
+    images = torch.rand(3, 3, 64, 64)
+    maps = explainer(images)
+    assert maps.shape == (3, 64, 64) and 0 <= maps.min() and maps.max() <= 1
+    targets = torch.tensor([0, 1, 2])
+    assert not torch.equal(explainer(images, targets), explainer(images, targets.flip(0)))
+
+
+def test_ddp_with_two_cpu_processes_ends_with_identical_attention_weights(tmp_path, cache_dir, smoke_run):
+    result = run_train(tmp_path, cache_dir, "trainer=ddp_cpu", "+trainer.max_steps=4", "final_evaluation.overlay_images=0")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    consistency = json.loads((tmp_path / "ddp_consistency.json").read_text())
+    assert consistency["world_size"] == 2
+    assert consistency["identical"] is True
+    assert len(set(consistency["digests"])) == 1
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_bad_config_value_fails_with_a_clear_message(tmp_path, cache_dir, smoke_run):
+    result = run_train(tmp_path, cache_dir, "loss.ce_weight=-1")
+    assert result.returncode != 0
+    assert "loss.ce_weight must be a non-negative number, got -1" in result.stderr
