@@ -39,8 +39,18 @@ class PTAMEExplainer(Explainer):
         return self.model.resolution
 
     def low_resolution_maps(self, images: Tensor, targets: Tensor) -> Tensor:
-        """(B, h, w) maps in [0, 1] for ``targets`` at the explanation resolution."""
-        scores = self.model.class_scores(images, targets.view(-1, 1))
+        """(B, h, w) maps in [0, 1] for ``targets`` at the explanation resolution.
+
+        The attention always runs in eval mode here (BatchNorm uses its running statistics and
+        is not updated), even while the module that owns it is training.
+        """
+        attention = self.model.attention
+        was_training = attention.training
+        attention.eval()
+        try:
+            scores = self.model.class_scores(images, targets.view(-1, 1))
+        finally:
+            attention.train(was_training)
         return normalise_scores(scores[:, 0], self.map_normalisation)
 
     def explain(self, images: Tensor, targets: Tensor | None) -> Tensor:

@@ -87,3 +87,61 @@ def test_bad_config_value_fails_with_a_clear_message(tmp_path, cache_dir, smoke_
     result = run_train(tmp_path, cache_dir, "loss.ce_weight=-1")
     assert result.returncode != 0
     assert "loss.ce_weight must be a non-negative number, got -1" in result.stderr
+
+
+def run_evaluate(run_dir, cache_dir, checkpoint, *overrides, timeout=400) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "evaluate.py", "experiment=smoke", f"paths.cache_dir={cache_dir}",
+        f"hydra.run.dir={run_dir}", f"ckpt_path={checkpoint}", "max_images=15",
+        "metrics.insertion_deletion.steps=8", "data.eval_batch_size=4", *overrides,
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+RESULT_KEYS = [
+    "AD@100", "AD@50", "AD@15", "IC@100", "IC@50", "IC@15", "ROAD_MoRF_AUC", "ROAD_LeRF_AUC",
+    "pointing_game", "energy_pointing_game", "insertion_AUC", "deletion_AUC", "forward_passes",
+    "resolution", "gflops", "ms_per_image",
+]
+
+
+@pytest.fixture(scope="module")
+def evaluation_run(tmp_path_factory, cache_dir, smoke_run):
+    run_dir = tmp_path_factory.mktemp("evaluate-run")
+    result = run_evaluate(run_dir, cache_dir, smoke_run[0] / "checkpoints" / "last.ckpt")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return run_dir, result
+
+
+def test_evaluate_writes_every_result_file(evaluation_run):
+    run_dir, result = evaluation_run
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results) == {"ptame", "random", "centre_gaussian"}
+    for method, figures in results.items():
+        for key in RESULT_KEYS:
+            assert key in figures, (method, key)
+        for key in ("AD@100", "AD@50", "AD@15", "IC@100", "IC@50", "IC@15"):
+            assert 0 <= figures[key] <= 100
+        for key in ("ROAD_MoRF_AUC", "ROAD_LeRF_AUC", "insertion_AUC", "deletion_AUC"):
+            assert 0 <= figures[key] <= 1
+        assert figures["forward_passes"] == 1.0
+    assert results["ptame"]["resolution"] == 256 and results["random"]["resolution"] == 64 * 64
+    with open(run_dir / "results.csv") as handle:
+        rows = {row["method"]: row for row in csv.DictReader(handle)}
+    assert float(rows["ptame"]["AD@100"]) == pytest.approx(results["ptame"]["AD@100"])
+    markdown = (run_dir / "results.md").read_text()
+    assert markdown.startswith("| method |") and "| ptame |" in markdown
+    assert (run_dir / "road_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Results on 15 test images" in result.stdout
+
+
+def test_evaluate_gives_the_same_numbers_under_ddp(tmp_path, cache_dir, smoke_run, evaluation_run):
+    single = json.loads((evaluation_run[0] / "results.json").read_text())
+    result = run_evaluate(tmp_path, cache_dir, smoke_run[0] / "checkpoints" / "last.ckpt", "trainer=ddp_cpu")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    distributed = json.loads((tmp_path / "results.json").read_text())
+    for method, figures in single.items():
+        for key, value in figures.items():
+            if key != "ms_per_image":
+                assert distributed[method][key] == pytest.approx(value, abs=1e-9), (method, key)
