@@ -144,4 +144,5 @@ def test_evaluate_gives_the_same_numbers_under_ddp(tmp_path, cache_dir, smoke_ru
     for method, figures in single.items():
         for key, value in figures.items():
             if key != "ms_per_image":
-                assert distributed[method][key] == pytest.approx(value, abs=1e-9), (method, key)
+                # equal up to float rounding: conv results depend slightly on the batch composition
+                assert distributed[method][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (method, key)

@@ -154,7 +154,11 @@ def evaluate_localisation(
     Returns:
         flat ``{"<name>/pointing_game": value, "<name>/energy_pointing_game": value}``.
     """
-    suites = {name: (PointingGame().to(device), EnergyPointingGame().to(device)) for name in explainers}
+    # One process sees every image here (e.g. rank 0 after DDP training): never sync.
+    suites = {
+        name: (PointingGame(sync_on_compute=False).to(device), EnergyPointingGame(sync_on_compute=False).to(device))
+        for name in explainers
+    }
     seen = 0
     for batch in tqdm(batches, desc="localisation", leave=False):
         count = batch["image"].shape[0] if max_images is None else min(batch["image"].shape[0], max_images - seen)

@@ -70,8 +70,9 @@ def small_vgg(num_classes: int) -> nn.Module:
 
     Stages (for a 64 px input): ``stem`` conv stride 2 (16 ch, 32 px), ``layer1`` (32 ch, 32 px),
     ``layer2`` (64 ch, 16 px), ``layer3`` (64 ch, 8 px), ``layer4`` (128 ch, 4 px), then global
-    average pooling and a linear classifier. Input: normalised images (B, 3, H, W);
-    output: logits (B, num_classes).
+    max pooling (the objects are small: max pooling learns much faster than average pooling)
+    and a linear classifier. Input: normalised images (B, 3, H, W); output: logits
+    (B, num_classes).
     """
     return nn.Sequential(
         OrderedDict(
@@ -80,7 +81,7 @@ def small_vgg(num_classes: int) -> nn.Module:
             layer2=nn.Sequential(nn.MaxPool2d(2), *_conv_bn_relu(32, 64)),
             layer3=nn.Sequential(nn.MaxPool2d(2), *_conv_bn_relu(64, 64)),
             layer4=nn.Sequential(nn.MaxPool2d(2), *_conv_bn_relu(64, 128)),
-            pool=nn.AdaptiveAvgPool2d(1),
+            pool=nn.AdaptiveMaxPool2d(1),
             flatten=nn.Flatten(1),
             fc=nn.Linear(128, num_classes),
         )
@@ -92,36 +93,36 @@ class SmallResNet(nn.Module):
 
     For a 64 px input: ``stem`` conv stride 2 (16 ch, 32 px), ``layer1`` (16 ch, 32 px),
     ``layer2`` (32 ch, 16 px), ``layer3`` (64 ch, 8 px), ``layer4`` (128 ch, 4 px), global
-    average pooling, ``fc``. Input: normalised images (B, 3, H, W); output: logits (B, C).
+    max pooling (``pool``), ``fc``. Stages 2-4 downsample with a 2x2 max pooling before a
+    stride-1 block: on these small objects, stride-2 blocks learned several times slower.
+    Input: normalised images (B, 3, H, W); output: logits (B, num_classes).
     """
 
     def __init__(self, num_classes: int, widths: Sequence[int] = (16, 32, 64, 128)) -> None:
         super().__init__()
         self.stem = nn.Sequential(*_conv_bn_relu(3, widths[0], stride=2))
-        self.layer1 = _basic_block(widths[0], widths[0], stride=1)
-        self.layer2 = _basic_block(widths[0], widths[1], stride=2)
-        self.layer3 = _basic_block(widths[1], widths[2], stride=2)
-        self.layer4 = _basic_block(widths[2], widths[3], stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(widths[3], num_classes)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        self.layer1 = _basic_block(widths[0], widths[0])
+        self.layer2 = nn.Sequential(nn.MaxPool2d(2), _basic_block(widths[0], widths[1]))
+        self.layer3 = nn.Sequential(nn.MaxPool2d(2), _basic_block(widths[1], widths[2]))
+        self.layer4 = nn.Sequential(nn.MaxPool2d(2), _basic_block(widths[2], widths[3]))
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.fc = nn.Linear(widths[3], num_classes)  # PyTorch default init (learned faster)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.stem(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def _basic_block(c_in: int, c_out: int, stride: int) -> BasicBlock:
+def _basic_block(c_in: int, c_out: int) -> BasicBlock:
+    """A stride-1 torchvision BasicBlock; a 1x1 conv + BN projects the shortcut if needed."""
     downsample = None
-    if stride != 1 or c_in != c_out:
+    if c_in != c_out:
         downsample = nn.Sequential(
-            nn.Conv2d(c_in, c_out, kernel_size=1, stride=stride, bias=False),
+            nn.Conv2d(c_in, c_out, kernel_size=1, bias=False),
             nn.BatchNorm2d(c_out),
         )
-    return BasicBlock(c_in, c_out, stride=stride, downsample=downsample)
+    return BasicBlock(c_in, c_out, downsample=downsample)
 
 
 def small_resnet(num_classes: int) -> nn.Module:
@@ -157,13 +158,29 @@ def random_smooth_masks(n: int, size: int, generator: torch.Generator) -> Tensor
 
 def apply_masking_augmentation(images: Tensor, probability: float,
                                generator: torch.Generator) -> Tensor:
-    """Multiply each image (B, 3, H, W) in [0, 1] by a random smooth mask with ``probability``."""
-    if probability <= 0.0:
+    """Multiply each image (B, 3, H, W) in [0, 1] by a random smooth mask with ``probability``.
+
+    Returns a new tensor; the chosen images are multiplied by :func:`random_smooth_masks`.
+    """
+    return _mask_in_place(images.clone(), probability, generator)
+
+
+def _mask_in_place(images: Tensor, probability: float, generator: torch.Generator) -> Tensor:
+    chosen = torch.rand((images.shape[0],), generator=generator) < probability
+    if probability <= 0.0 or not bool(chosen.any()):
         return images
-    n, size = images.shape[0], images.shape[-1]
-    chosen = torch.rand((n, 1, 1, 1), generator=generator) < probability
-    masks = random_smooth_masks(n, size, generator)
-    return torch.where(chosen, images * masks, images)
+    index = chosen.nonzero().squeeze(1)
+    masks = random_smooth_masks(len(index), images.shape[-1], generator)
+    images[index] = images[index] * masks
+    return images
+
+
+def _training_batch(images: Tensor, masking_augmentation: float, generator: torch.Generator,
+                    mean: Tensor, std: Tensor) -> Tensor:
+    """uint8 images (B, 3, H, W) -> masked-augmented, normalised float, channels-last."""
+    x = images.contiguous(memory_format=torch.channels_last).to(torch.float32).mul_(1 / 255)
+    x = _mask_in_place(x, masking_augmentation, generator)
+    return x.sub_(mean).div_(std)
 
 
 def channel_statistics(images: Tensor, chunk: int = 1000) -> tuple[list[float], list[float]]:
@@ -220,8 +237,8 @@ def train_classifier(
 ) -> dict[str, float]:
     """Train ``model`` in place on ``train`` with AdamW + OneCycleLR and cross-entropy.
 
-    Images (uint8) are scaled to [0, 1], augmented (random horizontal flip with probability 0.5;
-    random smooth masking with probability ``masking_augmentation``), normalised with
+    Images (uint8) are scaled to [0, 1], multiplied by a random smooth mask with probability
+    ``masking_augmentation`` (:func:`random_smooth_masks`), normalised with
     ``mean``/``std`` and fed in shuffled batches of ``batch_size`` (last partial batch dropped).
     Shuffling and augmentation use a generator seeded with ``seed``; a tqdm bar shows the
     epoch, running loss and running accuracy.
@@ -244,11 +261,10 @@ def train_classifier(
             loss_sum, correct, seen = 0.0, 0, 0
             for step in range(steps):
                 index = order[step * batch_size : (step + 1) * batch_size]
-                images = _augment(train.images[index].float() / 255.0, masking_augmentation,
-                                  generator)
+                inputs = _training_batch(train.images[index], masking_augmentation, generator,
+                                         mean_t, std_t)
                 labels = train.labels[index]
-                inputs = _normalised_batch(images, mean_t, std_t)
-                logits = model(inputs.contiguous(memory_format=torch.channels_last))
+                logits = model(inputs)
                 loss = F.cross_entropy(logits, labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -264,13 +280,6 @@ def train_classifier(
     model.to(memory_format=torch.contiguous_format)
     model.eval()
     return stats
-
-
-def _augment(images: Tensor, masking_augmentation: float, generator: torch.Generator) -> Tensor:
-    """Random horizontal flips (p = 0.5) and random smooth masking of (B, 3, H, W) images."""
-    flip = torch.rand((images.shape[0], 1, 1, 1), generator=generator) < 0.5
-    images = torch.where(flip, images.flip(-1), images)
-    return apply_masking_augmentation(images, masking_augmentation, generator)
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,17 +364,27 @@ def trained_classifier(
     key = model_cache_key(spec, params)
     architecture = params["architecture"]
     path = model_cache_path(cache_dir, architecture, key)
-    model = ARCHITECTURES[architecture](spec.num_classes)
+    model = _seeded_model(architecture, spec.num_classes, params["seed"])
     metadata = _load_cached(path, model, key)
     if metadata is None:
-        metadata = _train_and_cache(model, spec, cache_dir, params, key, path)
+        # a fresh model: a failed load may have copied some tensors into the first one
+        model = _seeded_model(architecture, spec.num_classes, params["seed"])
+        with torch.random.fork_rng(devices=[]):  # leave the global RNG untouched
+            metadata = _train_and_cache(model, spec, cache_dir, params, key, path)
     model.eval()
     return model, metadata
 
 
+def _seeded_model(architecture: str, num_classes: int, seed: int) -> nn.Module:
+    """A freshly initialised model; initialisation seeded with ``seed``, global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ARCHITECTURES[architecture](num_classes)
+
+
 def _train_and_cache(model: nn.Module, spec: GeneratedShapesSpec, cache_dir: str | Path,
                      params: Mapping[str, Any], key: str, path: Path) -> dict[str, Any]:
-    """Train ``model`` (re-initialised from ``params['seed']``), evaluate and cache it."""
+    """Train ``model`` (freshly initialised), evaluate it on the test split and cache it."""
     splits = load_or_generate(spec, cache_dir)
     if len(splits.train) < params["batch_size"]:
         raise ValueError(f"the train split ({len(splits.train)} images) is smaller than "
@@ -373,15 +392,12 @@ def _train_and_cache(model: nn.Module, spec: GeneratedShapesSpec, cache_dir: str
     mean, std = channel_statistics(splits.train.images)
     architecture = params["architecture"]
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(params["seed"])
-        model.load_state_dict(ARCHITECTURES[architecture](spec.num_classes).state_dict())
-        train_stats = train_classifier(
-            model, splits.train, mean, std,
-            **{k: params[k] for k in ("epochs", "lr", "batch_size", "weight_decay",
-                                      "masking_augmentation", "seed")},
-            description=f"training {architecture}",
-        )
+    train_stats = train_classifier(
+        model, splits.train, mean, std,
+        **{k: params[k] for k in ("epochs", "lr", "batch_size", "weight_decay",
+                                  "masking_augmentation", "seed")},
+        description=f"training {architecture}",
+    )
     seconds = time.perf_counter() - start
     accuracy = evaluate_accuracy(model, splits.test, mean, std)
     log.info("trained %s on generated shapes in %.1f s: test accuracy %s", architecture,
@@ -403,7 +419,7 @@ def generated_backbone(
     dataset: GeneratedShapesSpec | Mapping[str, Any],
     cache_dir: str,
     architecture: str = "small_vgg",
-    epochs: int = 8,
+    epochs: int = 5,
     lr: float = 1e-2,
     batch_size: int = 128,
     weight_decay: float = 5e-4,
@@ -443,8 +459,8 @@ def generated_auxiliary(
     cache_dir: str,
     architecture: str = "small_resnet",
     layers: Sequence[str] = SMALL_RESNET_LAYERS,
-    epochs: int = 6,
-    lr: float = 3e-3,
+    epochs: int = 5,
+    lr: float = 1e-2,
     batch_size: int = 128,
     weight_decay: float = 5e-4,
     masking_augmentation: float = 0.0,

@@ -264,7 +264,8 @@ def _paint_blobs(gen: torch.Generator, spec: GeneratedShapesSpec, image: Tensor,
 
 def _paint_lines(gen: torch.Generator, spec: GeneratedShapesSpec, image: Tensor,
                  coords: Tensor) -> Tensor:
-    """Paint ``num_lines`` random straight lines (about 1-2 px wide, anti-aliased) on ``image``.
+    """Blend ``num_lines`` random straight lines (about 1-2 px wide, anti-aliased, opacity
+    0.35-0.75) into ``image`` (n, 3, S, S).
 
     Each line crosses the image through a random point at a random angle.
     """
@@ -273,12 +274,13 @@ def _paint_lines(gen: torch.Generator, spec: GeneratedShapesSpec, image: Tensor,
         return image
     angle = _uniform(gen, (n, k, 1, 1), 0.0, math.pi)
     point = _uniform(gen, (n, k, 2, 1, 1), 0.0, s)
-    half_width = _uniform(gen, (n, k, 1, 1), 0.5, 1.1) * (s / 64) ** 0.5
+    half_width = _uniform(gen, (n, k, 1, 1), 0.4, 0.9) * (s / 64) ** 0.5
+    opacity = _uniform(gen, (n, k, 1, 1), 0.35, 0.75)
     colour = torch.rand((n, k, 3, 1, 1), generator=gen)
     ny, nx = torch.sin(angle), torch.cos(angle)
     offset = point[:, :, 0] * ny + point[:, :, 1] * nx
     distance = (coords[:, None] * ny + coords[None, :] * nx - offset).abs_()  # (n, k, S, S)
-    coverage = (half_width + 0.5 - distance).clamp_(0.0, 1.0)
+    coverage = (half_width + 0.5 - distance).clamp_(0.0, 1.0).mul_(opacity)
     for j in range(k):
         image = torch.lerp(image, colour[:, j], coverage[:, j, None])
     return image

@@ -6,14 +6,8 @@ from ptame.metrics.confidence import AverageDropIncrease
 from ptame.metrics.cost import ExplainerCost, measure_cost
 from ptame.metrics.insertion_deletion import InsertionDeletion
 from ptame.metrics.localisation import EnergyPointingGame, PointingGame
+from ptame.metrics.imputation import noisy_linear_imputation
 from ptame.metrics.road import ROAD, curve_auc
-
-
-def noisy_linear_imputation(images, keep, noise_std=0.01, generator=None):
-    """See :func:`ptame.metrics.imputation.noisy_linear_imputation`."""
-    from ptame.metrics.imputation import noisy_linear_imputation as impute
-
-    return impute(images, keep, noise_std=noise_std, generator=generator)
 
 
 __all__ = [

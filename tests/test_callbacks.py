@@ -1,0 +1,53 @@
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from ptame.callbacks import DistributedConsistencyCheck, FaithfulnessEvaluation, attention_state_digest
+
+from .test_module import RandomImages, make_module
+
+
+class TinyData(L.LightningDataModule):
+    has_masks = False
+
+    def train_dataloader(self):
+        return DataLoader(RandomImages(16), batch_size=4)
+
+    def val_dataloader(self):
+        return DataLoader(RandomImages(12), batch_size=4)
+
+
+def test_faithfulness_callback_logs_ad_ic_and_road_after_validation(tmp_path):
+    callback = FaithfulnessEvaluation(
+        every_n_epochs=1, max_images=6, batch_size=4,
+        metrics={"adic": {"thresholds": [100, 50, 15]}, "road": {"percentages": [20, 60], "imputer": "mean"}},
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, limit_train_batches=2, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+        callbacks=[callback, DistributedConsistencyCheck()], num_sanity_val_steps=0,
+    )
+    module = make_module()
+    trainer.fit(module, datamodule=TinyData())
+    metrics = trainer.callback_metrics
+    for key in ("val/AD@100", "val/AD@50", "val/AD@15", "val/IC@100", "val/ROAD_MoRF_AUC", "val/ROAD_LeRF_AUC"):
+        assert key in metrics, key
+    assert 0 <= float(metrics["val/AD@15"]) <= 100
+    assert float(metrics["val/AD@100"]) == pytest.approx(callback.last_results["AD@100"])
+    # the same figures from a fresh metric run on the same six images
+    from ptame.evaluation import build_metrics, compute_metrics, update_metrics
+
+    suite = build_metrics(module.ptame.backbone, callback.metrics, has_masks=False)
+    images = torch.stack([RandomImages(12)[i]["image"] for i in range(6)])
+    update_metrics(suite, images, module.explainer()(images), {"index": torch.arange(6)})
+    figures, _ = compute_metrics(suite)
+    assert figures["AD@100"] == pytest.approx(callback.last_results["AD@100"], rel=1e-6)
+    assert figures["ROAD_MoRF_AUC"] == pytest.approx(callback.last_results["ROAD_MoRF_AUC"])
+    consistency = (tmp_path / "ddp_consistency.json").read_text()
+    assert attention_state_digest(module) in consistency
+
+
+def test_callback_settings_are_checked():
+    with pytest.raises(ValueError, match="every_n_epochs"):
+        FaithfulnessEvaluation(every_n_epochs=0)
