@@ -143,6 +143,10 @@ def test_evaluate_gives_the_same_numbers_under_ddp(tmp_path, cache_dir, smoke_ru
     distributed = json.loads((tmp_path / "results.json").read_text())
     for method, figures in single.items():
         for key, value in figures.items():
-            if key != "ms_per_image":
-                # equal up to float rounding: conv results depend slightly on the batch composition
-                assert distributed[method][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (method, key)
+            if key == "ms_per_image":
+                continue
+            # Equal up to float rounding: conv results depend slightly on the batch composition,
+            # and the imputation solver stops within its tolerance (5e-4 per pixel), which moves
+            # softmax confidences (not the accuracies) in the 5th digit.
+            tolerance = 1e-4 if "confidence" in key else 1e-6
+            assert distributed[method][key] == pytest.approx(value, rel=1e-5, abs=tolerance), (method, key)

@@ -207,3 +207,18 @@ def test_cost_counts_backbone_passes_and_flops():
     expected_flops = 2 * 16 * 16 * 8 * 27 + 2 * 8 * 5  # conv + linear multiply-adds
     assert cost.gflops == pytest.approx(expected_flops / 1e9, rel=0.01)
     assert cost.resolution == 256 and cost.ms_per_image > 0
+
+
+def test_telea_and_mean_imputers_fill_only_removed_pixels():
+    from ptame.metrics.road import mean_imputation, telea_imputation
+
+    images = torch.zeros(1, 3, 16, 16)
+    images[:, :, :, 8:] = 1.0
+    keep = torch.ones(1, 16, 16, dtype=torch.bool)
+    keep[0, 6:10, 2:5] = False  # a hole inside the dark half
+    for impute in (telea_imputation, mean_imputation):
+        filled = impute(images, keep)
+        assert torch.equal(filled[:, :, keep[0]], images[:, :, keep[0]])
+    assert telea_imputation(images, keep)[:, :, ~keep[0]].max() < 0.1  # inpainted from dark pixels
+    kept_mean = images[0, 0][keep[0]].mean()
+    assert torch.allclose(mean_imputation(images, keep)[0, 0][~keep[0]], kept_mean)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 import warnings
 from collections import OrderedDict
@@ -375,6 +374,14 @@ def trained_classifier(
     return model, metadata
 
 
+def _report(message: str) -> None:
+    """Log ``message`` at INFO level, or write it to the console if INFO logging is off."""
+    if log.isEnabledFor(logging.INFO):
+        log.info(message)
+    else:
+        tqdm.write(message)
+
+
 def _seeded_model(architecture: str, num_classes: int, seed: int) -> nn.Module:
     """A freshly initialised model; initialisation seeded with ``seed``, global RNG untouched."""
     with torch.random.fork_rng(devices=[]):
@@ -400,8 +407,8 @@ def _train_and_cache(model: nn.Module, spec: GeneratedShapesSpec, cache_dir: str
     )
     seconds = time.perf_counter() - start
     accuracy = evaluate_accuracy(model, splits.test, mean, std)
-    log.info("trained %s on generated shapes in %.1f s: test accuracy %s", architecture,
-             seconds, "n/a" if accuracy is None else f"{accuracy:.4f}")
+    _report(f"trained {architecture} on generated shapes in {seconds:.1f} s: test accuracy "
+            f"{'n/a' if accuracy is None else f'{accuracy:.4f}'} (cached in {path})")
     metadata = {"key": key, "architecture": architecture, "dataset": spec.to_dict(),
                 "training": dict(params), "training_version": TRAINING_VERSION,
                 "mean": mean, "std": std, "test_accuracy": accuracy,
