@@ -16,10 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ptame.model import CHECKPOINT_FORMAT_VERSION, PTAME
+from ptame.networks import safe_torch_load
 
 FROZEN_PREFIXES = ("ptame.backbone.", "ptame.auxiliary.")
 ATTENTION_PREFIX = "ptame.attention."
@@ -31,13 +31,7 @@ class CheckpointMismatchError(ValueError):
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a P-TAME checkpoint with ``weights_only=True`` (no pickled code is executed)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"could not read checkpoint {path}: {error}") from error
+    checkpoint = safe_torch_load(path, "checkpoint")
     if not isinstance(checkpoint, dict) or "ptame" not in checkpoint:
         raise ValueError(f"{path} is not a P-TAME checkpoint (no 'ptame' metadata)")
     return checkpoint

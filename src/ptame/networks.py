@@ -198,19 +198,25 @@ def _torchvision_weights(arch: str, weights: str | None) -> Any:
     )
 
 
+def safe_torch_load(path: str | Path, what: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU (no pickled code is executed), with
+    errors that name ``what`` and the file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - re-raised with the file name
+        raise ValueError(f"could not read {what} {path}: {error}") from error
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     """Load a state dict from a local file (``weights_only=True``), unwrapping common containers.
 
     Accepts a raw state dict, ``{"state_dict": ...}`` or ``{"model": ...}``; strips a ``module.``
     prefix left by DataParallel/DDP.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"could not read weights file {path}: {error}") from error
+    state = safe_torch_load(path, "weights file")
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
