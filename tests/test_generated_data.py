@@ -220,7 +220,8 @@ def test_load_or_generate_caches_and_round_trips(tmp_path, tiny_spec, tiny_split
     first = load_or_generate(tiny_spec, tmp_path)
     path = tmp_path / "generated" / f"shapes-{tiny_spec.cache_key()}.pt"
     assert path.is_file() and cache_path(tiny_spec, tmp_path) == path
-    assert not [p for p in path.parent.iterdir() if p != path], "no temporary files left"
+    leftovers = [p for p in path.parent.iterdir() if p != path and p.suffix != ".lock"]
+    assert not leftovers, "no temporary files left"
     second = load_or_generate(tiny_spec, str(tmp_path))
     for name in ("train", "val", "test"):
         assert torch.equal(first[name].images, tiny_splits[name].images)
@@ -334,3 +335,31 @@ def test_datamodule_train_order_is_seeded(tmp_path):
 def test_datamodule_rejects_bad_config(tmp_path, bad):
     with pytest.raises(ValueError):
         _datamodule(tmp_path, **bad)
+
+
+def test_concurrent_builders_generate_the_cache_once(tmp_path, monkeypatch):
+    """Two processes (here threads) asking for the same dataset at once: one generates, the
+    other waits for the lock and loads the cached file."""
+    import threading
+    import time
+
+    from ptame.data import generated as module
+
+    calls = []
+    real_generate = module.generate
+
+    def slow_generate(spec):
+        calls.append(spec)
+        time.sleep(0.5)
+        return real_generate(spec)
+
+    monkeypatch.setattr(module, "generate", slow_generate)
+    spec = module.GeneratedShapesSpec(image_size=32, num_classes=2, num_train=8, num_val=4, num_test=4, seed=5)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(module.load_or_generate(spec, tmp_path))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1
+    assert torch.equal(results[0]["train"].images, results[1]["train"].images)

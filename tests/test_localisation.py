@@ -69,7 +69,10 @@ def test_centre_gaussian_peaks_at_the_centre_and_is_in_unit_range():
     assert torch.allclose(maps[0], maps[0].T) and torch.equal(maps[0], maps[1])
 
 
-def test_random_explainer_is_reproducible_per_seed():
+def test_random_explainer_is_reproducible_per_seed_and_independent_of_batching():
     images = torch.rand(2, 3, 5, 5)
     assert torch.equal(RandomExplainer(seed=3)(images), RandomExplainer(seed=3)(images))
     assert not torch.equal(RandomExplainer(seed=3)(images), RandomExplainer(seed=4)(images))
+    whole = RandomExplainer(seed=3)(images)
+    assert torch.equal(RandomExplainer(seed=3)(images[1:]), whole[1:])
+    assert not torch.equal(whole[0], whole[1])

@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -363,13 +364,16 @@ def trained_classifier(
     key = model_cache_key(spec, params)
     architecture = params["architecture"]
     path = model_cache_path(cache_dir, architecture, key)
-    model = _seeded_model(architecture, spec.num_classes, params["seed"])
-    metadata = _load_cached(path, model, key)
-    if metadata is None:
-        # a fresh model: a failed load may have copied some tensors into the first one
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One trainer at a time: DDP ranks or parallel sweep trials wait for the first to finish.
+    with FileLock(f"{path}.lock"):
         model = _seeded_model(architecture, spec.num_classes, params["seed"])
-        with torch.random.fork_rng(devices=[]):  # leave the global RNG untouched
-            metadata = _train_and_cache(model, spec, cache_dir, params, key, path)
+        metadata = _load_cached(path, model, key)
+        if metadata is None:
+            # a fresh model: a failed load may have copied some tensors into the first one
+            model = _seeded_model(architecture, spec.num_classes, params["seed"])
+            with torch.random.fork_rng(devices=[]):  # leave the global RNG untouched
+                metadata = _train_and_cache(model, spec, cache_dir, params, key, path)
     model.eval()
     return model, metadata
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning
+from filelock import FileLock
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -517,6 +518,13 @@ def load_or_generate(spec: GeneratedShapesSpec, cache_dir: str | os.PathLike[str
         masks bool (N, H, W).
     """
     path = cache_path(spec, cache_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One writer at a time: DDP ranks or parallel sweep trials wait for the first to finish.
+    with FileLock(f"{path}.lock"):
+        return _load_or_generate_unlocked(spec, path)
+
+
+def _load_or_generate_unlocked(spec: GeneratedShapesSpec, path: Path) -> GeneratedSplits:
     if path.is_file():
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)

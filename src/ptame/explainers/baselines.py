@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 from torch import Tensor
 
@@ -10,11 +12,15 @@ from ptame.networks import Backbone
 
 
 class RandomExplainer(Explainer):
-    """Independent uniform noise in [0, 1] per pixel, drawn from a seeded generator.
+    """Independent uniform noise in [0, 1] per pixel.
+
+    The noise of each image is drawn from a generator seeded by ``seed`` and a checksum of the
+    image's content, so an image gets the same map however the data is batched or split across
+    processes (evaluation gives the same numbers on 1 or N processes).
 
     Args:
         backbone: optional; only used to resolve targets (which the map ignores).
-        seed: seed of the generator; the n-th call after construction is reproducible.
+        seed: seed combined with each image's checksum.
     """
 
     name = "random"
@@ -22,14 +28,18 @@ class RandomExplainer(Explainer):
     def __init__(self, backbone: Backbone | None = None, seed: int = 0) -> None:
         super().__init__(backbone)
         self.seed = int(seed)
-        self._generator: torch.Generator | None = None
+
+    def _image_seed(self, image: Tensor) -> int:
+        quantised = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        return (self.seed * 1_000_003 + zlib.crc32(quantised.numpy().tobytes())) % (2**63 - 1)
 
     def explain(self, images: Tensor, targets: Tensor | None) -> Tensor:
-        if self._generator is None:
-            self._generator = torch.Generator().manual_seed(self.seed)
-        batch, _, height, width = images.shape
-        maps = torch.rand((batch, height, width), generator=self._generator)
-        return maps.to(images.device)
+        _, _, height, width = images.shape
+        maps = [
+            torch.rand((height, width), generator=torch.Generator().manual_seed(self._image_seed(image)))
+            for image in images
+        ]
+        return torch.stack(maps).to(images.device)
 
 
 class CentreGaussianExplainer(Explainer):
