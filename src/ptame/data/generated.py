@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 log = logging.getLogger(__name__)
 
 #: Bump whenever the generator's output changes, so that cached datasets are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 CLASS_NAMES: tuple[str, ...] = (
     "circle",
@@ -125,7 +125,9 @@ class GeneratedShapesSpec:
         values = {str(k): v for k, v in config.items()}
         unknown = sorted(set(values) - fields)
         if unknown:
-            raise ValueError(f"unknown generated-dataset field(s) {unknown}; known: {sorted(fields)}")
+            raise ValueError(
+                f"unknown generated-dataset field(s) {unknown}; known: {sorted(fields)}"
+            )
         return cls(**values)
 
 
@@ -157,7 +159,9 @@ def _validate_spec(spec: GeneratedShapesSpec) -> None:
             f"min_radius={spec.min_radius}, max_radius={spec.max_radius}"
         )
     if not 0.0 <= spec.min_contrast <= 1.0:
-        raise ValueError(f"generated dataset: min_contrast must be in [0, 1], got {spec.min_contrast}")
+        raise ValueError(
+            f"generated dataset: min_contrast must be in [0, 1], got {spec.min_contrast}"
+        )
     if not 0.0 <= spec.noise_std <= 0.5:
         raise ValueError(f"generated dataset: noise_std must be in [0, 0.5], got {spec.noise_std}")
 
@@ -500,13 +504,16 @@ def _from_payload(payload: Any, spec: GeneratedShapesSpec) -> GeneratedSplits:
                     "masks": ((n, s, s), torch.bool)}
         for name, (shape, dtype) in expected.items():
             tensor = getattr(data, name)
-            if not isinstance(tensor, Tensor) or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            if (not isinstance(tensor, Tensor) or tuple(tensor.shape) != shape
+                    or tensor.dtype != dtype):
                 raise ValueError(f"cache file has a malformed {split}/{name} tensor")
         splits[split] = data
     return GeneratedSplits(spec=spec, **splits)
 
 
-def load_or_generate(spec: GeneratedShapesSpec, cache_dir: str | os.PathLike[str]) -> GeneratedSplits:
+def load_or_generate(
+    spec: GeneratedShapesSpec, cache_dir: str | os.PathLike[str]
+) -> GeneratedSplits:
     """Load the splits of ``spec`` from ``cache_dir``, generating and caching them if needed.
 
     The cache file is ``cache_dir/generated/shapes-<spec.cache_key()>.pt``, written atomically
