@@ -222,3 +222,46 @@ def test_telea_and_mean_imputers_fill_only_removed_pixels():
     assert telea_imputation(images, keep)[:, :, ~keep[0]].max() < 0.1  # inpainted from dark pixels
     kept_mean = images[0, 0][keep[0]].mean()
     assert torch.allclose(mean_imputation(images, keep)[0, 0][~keep[0]], kept_mean)
+
+
+def weighted_evidence_backbone(weights: torch.Tensor, threshold: float):
+    """Two classes: logit 0 = sum of weights * red channel (weights (H, W) >= 0), logit 1 =
+    threshold. Removing pixels (zero imputation) can only lower class 0's evidence."""
+
+    def logits(x):
+        evidence = (x[:, 0] * weights).sum(dim=(1, 2))
+        return torch.stack([evidence, torch.full_like(evidence, threshold)], dim=1)
+
+    return Backbone(logits, (0, 0, 0), (1, 1, 1), name="weighted-evidence")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    sparsity=st.floats(0.05, 0.9),
+    threshold_share=st.floats(0.05, 0.95),
+)
+def test_road_oracle_orders_morf_below_lerf_at_every_percentage(seed, sparsity, threshold_share):
+    """For the oracle map (the model's own pixel weights), removing the most relevant pixels
+    first never leaves more evidence than removing the least relevant first: MoRF confidence
+    <= LeRF confidence at every p, and both curves fall monotonically with p."""
+    generator = torch.Generator().manual_seed(seed)
+    size = 8
+    weights = torch.rand(size, size, generator=generator)
+    weights = weights * (torch.rand(size, size, generator=generator) < sparsity)
+    total = float(weights.sum())
+    backbone = weighted_evidence_backbone(weights, threshold=threshold_share * total)
+    images = torch.ones(2, 3, size, size)
+    # the oracle: the weights themselves (the metric's seeded jitter breaks the ties at zero)
+    oracle = (weights / weights.max().clamp_min(1e-12)).expand(2, size, size).clone()
+    percentages = [10, 20, 30, 40, 50, 70, 90]
+    metric = ROAD(backbone, percentages=percentages, imputer="zero", seed=seed)
+    metric.update(images, oracle, torch.arange(2))
+    curves = metric.curves()
+    morf, lerf = curves["MoRF_confidence"], curves["LeRF_confidence"]
+    assert (morf <= lerf + 1e-6).all()
+    assert (morf[1:] <= morf[:-1] + 1e-6).all()
+    assert (lerf[1:] <= lerf[:-1] + 1e-6).all()
+    assert (curves["MoRF"] <= curves["LeRF"]).all()
+    result = metric.compute()
+    assert result["ROAD_MoRF_AUC"] <= result["ROAD_LeRF_AUC"]

@@ -76,3 +76,20 @@ def test_random_explainer_is_reproducible_per_seed_and_independent_of_batching()
     whole = RandomExplainer(seed=3)(images)
     assert torch.equal(RandomExplainer(seed=3)(images[1:]), whole[1:])
     assert not torch.equal(whole[0], whole[1])
+
+
+def test_pointing_tolerance_counts_maxima_near_the_object():
+    masks = torch.zeros(3, 9, 9, dtype=torch.bool)
+    masks[:, 4, 4] = True  # a one-pixel object
+    maps = torch.zeros(3, 9, 9)
+    maps[0, 4, 6] = 1.0  # 2 px away (Euclidean 2.0)
+    maps[1, 6, 6] = 1.0  # diagonal: Euclidean 2.83 px away
+    maps[2, 4, 4] = 1.0  # inside
+    assert pointing_hits(maps, masks).tolist() == [0.0, 0.0, 1.0]
+    assert pointing_hits(maps, masks, tolerance=2).tolist() == [1.0, 0.0, 1.0]
+    assert pointing_hits(maps, masks, tolerance=3).tolist() == [1.0, 1.0, 1.0]
+    metric = PointingGame(tolerance=2)
+    metric.update(maps, masks)
+    assert metric.compute().item() == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="tolerance"):
+        PointingGame(tolerance=-1)

@@ -31,9 +31,11 @@ from ptame.networks import Backbone
 # Column order of the result tables (Table 1 of the paper first).
 TABLE_COLUMNS = [
     "AD@100", "AD@50", "AD@15", "IC@100", "IC@50", "IC@15", "ROAD_MoRF_AUC", "ROAD_LeRF_AUC",
-    "insertion_AUC", "deletion_AUC", "pointing_game", "energy_pointing_game", "resolution",
-    "forward_passes", "gflops", "ms_per_image",
+    "insertion_AUC", "deletion_AUC", "pointing_game", "energy_pointing_game", "pointing_game_tolerant",
+    "resolution", "forward_passes", "gflops", "ms_per_image",
 ]
+# Metrics that compare maps with ground-truth object masks.
+LOCALISATION_METRICS = ("pointing_game", "energy_pointing_game", "pointing_game_tolerant")
 
 
 def build_metrics(
@@ -58,6 +60,9 @@ def build_metrics(
     if has_masks and settings.get("localisation", True):
         metrics["pointing_game"] = PointingGame()
         metrics["energy_pointing_game"] = EnergyPointingGame()
+        tolerance = int(settings.get("pointing_tolerance") or 0)
+        if tolerance > 0:
+            metrics["pointing_game_tolerant"] = PointingGame(tolerance=tolerance)
     return metrics
 
 
@@ -65,7 +70,7 @@ def update_metrics(metrics: Mapping[str, Metric], images: Tensor, maps: Tensor, 
     """Feed one batch of maps (B, H, W) for ``images`` (B, 3, H, W) into every metric."""
     indices = batch["index"].to(images.device)
     for name, metric in metrics.items():
-        if name in ("pointing_game", "energy_pointing_game"):
+        if name in LOCALISATION_METRICS:
             metric.update(maps, batch["mask"].to(images.device), indices)
         else:
             metric.update(images, maps, indices)
@@ -141,6 +146,7 @@ def evaluate_localisation(
     batches: Iterable[dict[str, Tensor]],
     device: str | torch.device = "cpu",
     max_images: int | None = None,
+    pointing_tolerance: int = 0,
 ) -> dict[str, float]:
     """Pointing game and energy-based pointing game of each explainer on the same images.
 
@@ -150,15 +156,23 @@ def evaluate_localisation(
             ``index`` (B,).
         device: where explainers and metrics run.
         max_images: stop after this many images (None: all).
+        pointing_tolerance: pixels; when > 0, also ``<name>/pointing_game_tolerant``, the
+            pointing game counting maxima within this distance of the object as hits.
 
     Returns:
-        flat ``{"<name>/pointing_game": value, "<name>/energy_pointing_game": value}``.
+        flat ``{"<name>/pointing_game": value, "<name>/energy_pointing_game": value, ...}``.
     """
     # One process sees every image here (e.g. rank 0 after DDP training): never sync.
-    suites = {
-        name: (PointingGame(sync_on_compute=False).to(device), EnergyPointingGame(sync_on_compute=False).to(device))
-        for name in explainers
-    }
+    suites: dict[str, dict[str, Metric]] = {}
+    for name in explainers:
+        suites[name] = {
+            "pointing_game": PointingGame(sync_on_compute=False).to(device),
+            "energy_pointing_game": EnergyPointingGame(sync_on_compute=False).to(device),
+        }
+        if pointing_tolerance > 0:
+            suites[name]["pointing_game_tolerant"] = PointingGame(
+                tolerance=pointing_tolerance, sync_on_compute=False
+            ).to(device)
     seen = 0
     for batch in tqdm(batches, desc="localisation", leave=False):
         count = batch["image"].shape[0] if max_images is None else min(batch["image"].shape[0], max_images - seen)
@@ -167,25 +181,32 @@ def evaluate_localisation(
         indices = batch["index"][:count].to(device)
         for name, explainer in explainers.items():
             maps = explainer(images)
-            suites[name][0].update(maps, masks, indices)
-            suites[name][1].update(maps, masks, indices)
+            for metric in suites[name].values():
+                metric.update(maps, masks, indices)
         seen += count
         if max_images is not None and seen >= max_images:
             break
     results = {}
-    for name, (pointing, energy) in suites.items():
-        results[f"{name}/pointing_game"] = float(pointing.compute())
-        results[f"{name}/energy_pointing_game"] = float(energy.compute())
+    for name, suite in suites.items():
+        for key, metric in suite.items():
+            results[f"{name}/{key}"] = float(metric.compute())
     return results
 
 
 def format_localisation_table(results: Mapping[str, float], names: Iterable[str]) -> str:
-    """A plain-text table: one row per method, pointing game and energy columns."""
-    lines = [f"{'method':<18}{'pointing game':>15}{'energy':>10}"]
+    """A plain-text table: one row per method, pointing game and energy columns (and the
+    tolerant pointing game when ``results`` has it)."""
+    names = list(names)
+    tolerant = any(f"{name}/pointing_game_tolerant" in results for name in names)
+    header = f"{'method':<18}{'pointing game':>15}{'energy':>10}"
+    lines = [header + (f"{'pointing (tolerant)':>22}" if tolerant else "")]
     for name in names:
         pointing = results.get(f"{name}/pointing_game", math.nan)
         energy = results.get(f"{name}/energy_pointing_game", math.nan)
-        lines.append(f"{name:<18}{pointing:>15.3f}{energy:>10.3f}")
+        line = f"{name:<18}{pointing:>15.3f}{energy:>10.3f}"
+        if tolerant:
+            line += f"{results.get(f'{name}/pointing_game_tolerant', math.nan):>22.3f}"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -91,7 +91,8 @@ def run_final_evaluation(
     results: dict[str, float] = {}
     if getattr(datamodule, "has_masks", False):
         results = evaluate_localisation(
-            explainers, datamodule.test_dataloader(), device, settings.get("max_images")
+            explainers, datamodule.test_dataloader(), device, settings.get("max_images"),
+            pointing_tolerance=int(settings.get("pointing_tolerance") or 0),
         )
         table = format_localisation_table(results, explainers)
         print(f"\nLocalisation on held-out images (explaining the backbone's prediction):\n{table}\n")

@@ -6,6 +6,8 @@ duplicates a DistributedSampler pads in are counted once and 1 or N processes ag
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -22,16 +24,33 @@ def _check(maps: Tensor, masks: Tensor) -> None:
         raise ValueError("saliency maps contain NaN or infinite values")
 
 
-def pointing_hits(maps: Tensor, masks: Tensor) -> Tensor:
+def dilate_masks(masks: Tensor, radius: int) -> Tensor:
+    """(B, H, W) bool masks grown by every pixel within Euclidean distance ``radius`` (pixels)."""
+    if radius < 0:
+        raise ValueError(f"pointing-game tolerance must be >= 0 pixels, got {radius}")
+    if radius == 0:
+        return masks.bool()
+    offsets = torch.arange(-radius, radius + 1, device=masks.device, dtype=torch.float32)
+    disk = (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius**2).float()
+    grown = torch.nn.functional.conv2d(
+        masks[:, None].float(), disk[None, None], padding=radius
+    )
+    return grown[:, 0] > 0.5
+
+
+def pointing_hits(maps: Tensor, masks: Tensor, tolerance: int = 0) -> Tensor:
     """(B,) pointing-game score per image: 1.0 if the map's maximum pixel lies in the object.
 
     When several pixels share the maximum (e.g. a saturated sigmoid), the score is the fraction
     of them inside the object: the expected hit of a uniformly random tie-break. A constant map
     therefore scores the object's area fraction, like a random guess, never a lucky 1.
+
+    ``tolerance`` (pixels, default 0 = strict) also counts a maximum within that Euclidean
+    distance of the object as a hit: the protocol of Zhang et al. (2018), who use 15 px at 224 px.
     """
     _check(maps, masks)
     flat_maps = maps.flatten(1)
-    flat_masks = masks.flatten(1).bool()
+    flat_masks = dilate_masks(masks.bool(), int(tolerance)).flatten(1)
     is_max = flat_maps == flat_maps.amax(dim=1, keepdim=True)
     return (is_max & flat_masks).sum(dim=1).float() / is_max.sum(dim=1).float()
 
@@ -71,10 +90,20 @@ class _LocalisationMetric(PerImageMetric):
 
 
 class PointingGame(_LocalisationMetric):
-    """Fraction of images whose map maximum lies inside the object (see :func:`pointing_hits`)."""
+    """Fraction of images whose map maximum lies inside the object (see :func:`pointing_hits`).
+
+    Args:
+        tolerance: pixels; a maximum this close to the object also counts (0 = strict).
+    """
+
+    def __init__(self, tolerance: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if int(tolerance) != tolerance or tolerance < 0:
+            raise ValueError(f"pointing-game tolerance must be an integer >= 0, got {tolerance}")
+        self.tolerance = int(tolerance)
 
     def score(self, maps: Tensor, masks: Tensor) -> Tensor:
-        return pointing_hits(maps, masks)
+        return pointing_hits(maps, masks, self.tolerance)
 
 
 class EnergyPointingGame(_LocalisationMetric):
