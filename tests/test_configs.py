@@ -35,7 +35,9 @@ RELEASED = {  # ce / area / smoothness, weight decay (reference-facts.md)
 
 @pytest.mark.parametrize("experiment", IMAGENET_EXPERIMENTS)
 def test_imagenet_experiment_composes_and_builds(experiment):
-    overrides = [f"experiment={experiment}", "backbone.weights=null", "auxiliary.weights=null"]
+    overrides = [f"experiment={experiment}", "backbone.weights=null"]
+    if "ttame" not in experiment:  # T-TAME's auxiliary is the backbone itself
+        overrides.append("auxiliary.weights=null")
     if "imagenette" in experiment:
         overrides.append("auxiliary.checkpoint_path=null")
     cfg = compose_train(overrides)
@@ -59,6 +61,7 @@ def test_imagenet_experiment_composes_and_builds(experiment):
     assert isinstance(module, PTAMEModule)
     expected_resolution = {
         "table2_mobilenet_v3": 49, "table2_mnasnet": 49, "table2_resnet50": 784,
+        "table2_ttame_resnet50": 784,
     }.get(experiment, 3136)
     assert module.ptame.resolution == expected_resolution
     assert module.ptame.num_classes == (1000)

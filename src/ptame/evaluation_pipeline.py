@@ -28,17 +28,38 @@ def available_explainers(conf_dir: Path = CONF_DIR) -> list[str]:
     return sorted(path.stem for path in (conf_dir / "explainer").glob("*.yaml"))
 
 
-def build_explainer(name: str, cfg: DictConfig, backbone: Any, conf_dir: Path = CONF_DIR) -> Explainer:
+def build_explainer(
+    name: str, cfg: DictConfig, backbone: Any, conf_dir: Path = CONF_DIR,
+    _parents: tuple[str, ...] = (),
+) -> Explainer:
     """Instantiate ``conf/explainer/<name>.yaml`` (interpolations resolved against ``cfg``, then
-    ``cfg.explainer_options.<name>`` applied) for ``backbone``."""
+    ``cfg.explainer_options.<name>`` applied) for ``backbone``.
+
+    A config with ``members: [names]`` (an ensemble) gets those explainers, each built by this
+    function with its own options, as ``members={name: explainer}``; a config that reaches
+    itself through its members is refused."""
     path = conf_dir / "explainer" / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(f"unknown explainer {name!r}; available: {available_explainers(conf_dir)}")
+    if name in _parents:
+        raise ValueError(f"explainer {name!r} lists itself among its members: "
+                         f"{' -> '.join([*_parents, name])}")
     if name == "ptame" and not cfg.get("ckpt_path"):
         raise ValueError("explainer 'ptame' needs ckpt_path=<run>/checkpoints/last.ckpt")
     node = OmegaConf.merge(OmegaConf.load(path), (cfg.get("explainer_options") or {}).get(name) or {})
+    member_names = node.pop("members", None)
     root = OmegaConf.create({**OmegaConf.to_container(cfg, resolve=False), "explainer": node})
-    explainer = instantiate(root.explainer, backbone=backbone)
+    kwargs: dict[str, Any] = {}
+    if member_names is not None:
+        if (not OmegaConf.is_list(member_names) or not member_names
+                or len(set(map(str, member_names))) != len(member_names)):
+            raise ValueError(f"explainer {name!r}: members must be a non-empty list of distinct "
+                             f"explainer config names, got {member_names!r}")
+        kwargs["members"] = {
+            str(member): build_explainer(str(member), cfg, backbone, conf_dir, (*_parents, name))
+            for member in member_names
+        }
+    explainer = instantiate(root.explainer, backbone=backbone, _partial_=True)(**kwargs)
     explainer.name = name
     return explainer.eval()
 

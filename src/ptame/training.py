@@ -35,7 +35,11 @@ def build_module(cfg: DictConfig) -> tuple[PTAMEModule, Any]:
     """Instantiate data, frozen networks, loss and the LightningModule from ``cfg``."""
     datamodule = instantiate(cfg.data)
     backbone = instantiate(cfg.backbone)
-    auxiliary = instantiate(cfg.auxiliary)
+    # T-TAME mode (auxiliary=from_backbone) reads features from this very backbone instance
+    if "backbone" in cfg.auxiliary:
+        auxiliary = instantiate(cfg.auxiliary, backbone=backbone)
+    else:
+        auxiliary = instantiate(cfg.auxiliary)
     loss = instantiate(cfg.loss)
     module = instantiate(cfg.model, backbone=backbone, auxiliary=auxiliary, loss=loss)
     return module, datamodule
