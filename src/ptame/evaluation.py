@@ -230,8 +230,9 @@ def _format_value(column: str, value: float | None) -> str:
 
 def markdown_table(results: Mapping[str, Mapping[str, float]]) -> str:
     """A Markdown table: one row per method, AD/IC in percent, AUCs as fractions (the ROAD
-    curve points stay in results.json / results.csv)."""
-    columns = [c for c in table_columns(results) if "@" not in c or c.startswith(("AD@", "IC@"))]
+    curve points and the layer contributions stay in results.json / results.csv)."""
+    columns = [c for c in table_columns(results)
+               if ("@" not in c or c.startswith(("AD@", "IC@"))) and not c.startswith("layer_contribution/")]
     lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for method, figures in results.items():
         cells = [_format_value(c, figures.get(c)) for c in columns]

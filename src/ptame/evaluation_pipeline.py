@@ -14,6 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
 from ptame.evaluation import ExplainerEvaluation, evaluate_costs, markdown_table, write_results
+from ptame.analysis.contributions import contribution_figures, format_layer_contributions
+from ptame.analysis.latex import write_latex_table
+from ptame.analysis.pipeline import run_analyses
 from ptame.explainers.base import Explainer
 from ptame.training import configure_torch
 
@@ -77,8 +80,9 @@ def test_loader(datamodule: Any, max_images: int | None) -> DataLoader:
 def run_evaluation(
     cfg: DictConfig, run_dir: str | Path, conf_dir: str | Path = CONF_DIR
 ) -> dict[str, dict[str, float]]:
-    """Evaluate ``cfg.explainers`` on the test subset; write results.{json,csv,md} and
-    road_curves.png into ``run_dir``. Returns ``{method: {metric: value}}`` (rank 0).
+    """Evaluate ``cfg.explainers`` on the test subset; write results.{json,csv,md,tex} and
+    road_curves.png into ``run_dir``, plus the analyses switched on in ``cfg.analysis``
+    (methods_grid.png, mprt.json/png). Returns ``{method: {metric: value}}`` (rank 0).
 
     ``conf_dir`` is the config folder holding ``explainer/<name>.yaml``."""
     run_dir = Path(run_dir)
@@ -107,7 +111,19 @@ def run_evaluation(
         images = next(iter(loader))["image"][: int(cfg.cost_images)].to(module.device)
         for name, cost in evaluate_costs(explainers, images).items():
             results[name].update(cost)
+    contributions = contribution_figures(explainers)  # Table 2's layer contributions
+    for name, shares in contributions.items():
+        results[name].update(shares)
     paths = write_results(run_dir, results, module.curves)
+    paths["tex"] = write_latex_table(run_dir / "results.tex", results)
     print(f"\nResults on {len(loader.dataset)} test images:\n{markdown_table(results)}")
+    if contributions:
+        print(format_layer_contributions(contributions))
+    analysis = OmegaConf.to_container(cfg.analysis, resolve=True) if "analysis" in cfg else None
+    paths.update(run_analyses(
+        analysis, run_dir, explainers, loader, module.device,
+        lambda name: build_explainer(name, cfg, backbone, Path(conf_dir)),
+        getattr(datamodule, "class_names", None),
+    ))
     log.info("results written to %s", ", ".join(str(p) for p in paths.values()))
     return results
