@@ -99,6 +99,8 @@ def test_bad_blocks_are_refused_with_the_name():
         randomise_block(network, ["nope"], seed=0)
     with pytest.raises(ValueError, match=r"block \['pool'\] has no parameters"):
         randomise_block(network, ["pool"], seed=0)
+    with pytest.raises(ValueError, match="block 'pooling' \\(\\['pool'\\]\\) has no parameters"):
+        cumulative_randomisations(SobelEdgeExplainer(three_block_backbone()), {"pooling": ["pool"]})
     with pytest.raises(ValueError, match="order must be one of"):
         cumulative_randomisations(SobelEdgeExplainer(three_block_backbone()), order="sideways")
 

@@ -346,8 +346,11 @@ def cumulative_randomisations(
     """
     if order not in ORDERS:
         raise ValueError(f"MPRT order must be one of {ORDERS}, got {order!r}")
-    network_of(explainer)
+    network = network_of(explainer)
     indexed = list(enumerate(parse_blocks(blocks, explainer.backbone).items()))
+    for _, (label, names) in indexed:  # fail on a bad block before any work
+        if not block_parameters(network, names):
+            raise ValueError(f"MPRT block {label!r} ({names}) has no parameters to randomise")
     if order == "top_down":
         indexed.reverse()
 
@@ -362,8 +365,8 @@ def cumulative_randomisations(
 
 
 def plot_mprt(results: Mapping[str, MPRTResult], path: str | Path) -> Path:
-    """SSIM against the randomised blocks, one line per explainer and target mode (solid:
-    randomised model's prediction; dashed: original prediction), with the pass threshold."""
+    """SSIM against the randomised blocks, one colour per explainer (solid: each randomised
+    model's prediction; dashed: the original prediction), with the pass threshold."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -371,11 +374,17 @@ def plot_mprt(results: Mapping[str, MPRTResult], path: str | Path) -> Path:
 
     figure, axis = plt.subplots(figsize=(7, 4))
     threshold = math.nan
-    for name, result in results.items():
+    for position, (name, result) in enumerate(results.items()):
         steps = range(len(result.blocks))
         for mode, values in result.ssim.items():
-            style = "-" if mode == "randomised" else "--"
-            axis.plot(steps, values, style, marker="o", label=f"{name} ({mode} targets)")
+            # one colour per explainer; dashed and hollow for the original targets, so that
+            # overlapping lines (e.g. several at SSIM 1) stay visible
+            original = mode == "original"
+            width = 1.2 + 1.0 * (len(results) - 1 - position)  # earlier explainers drawn wider
+            axis.plot(steps, values, "--" if original else "-", color=f"C{position}",
+                      linewidth=width, marker="o", markersize=7 if original else 4,
+                      markerfacecolor="none" if original else f"C{position}",
+                      label=f"{name} ({mode} targets)")
         axis.set_xticks(list(steps), result.blocks, rotation=45, ha="right", fontsize=8)
         threshold = result.threshold
     if not math.isnan(threshold):
