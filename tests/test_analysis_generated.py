@@ -64,7 +64,7 @@ def evaluation(tmp_path_factory, cache_dir, checkpoint):
 def test_comparison_table_ranks_the_random_map_last_on_localisation(evaluation):
     run_dir, result = evaluation
     results = json.loads((run_dir / "results.json").read_text())
-    assert list(results) == METHODS
+    assert sorted(results) == sorted(METHODS)
     for metric in ("pointing_game", "energy_pointing_game"):
         others = {m: results[m][metric] for m in METHODS if m != "random"}
         assert results["random"][metric] < min(others.values()), (metric, results["random"][metric], others)
@@ -123,8 +123,9 @@ def test_ptame_maps_change_only_where_the_randomised_backbone_predicts_another_c
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "P-TAME reads the backbone only to find c*: with the class fixed its maps never change (SSIM 1), "
-    "and the generated backbone keeps most predictions when its stem is randomised"))
+    "P-TAME reads the backbone only to find c*: with the class fixed its maps never change (SSIM 1); "
+    "with each randomised model's own class, 38-50% of the predictions survive a random stem and "
+    "the maps of the other classes stay similar (SSIM about 0.55-0.6), so the mean stays above 0.5"))
 def test_issue_claim_ptame_ssim_below_half_after_the_first_block(mprt_setup):
     explainer, images = mprt_setup
     result = model_parameter_randomisation(explainer, images)
