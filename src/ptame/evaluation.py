@@ -216,16 +216,28 @@ def table_columns(results: Mapping[str, Mapping[str, float]]) -> list[str]:
     return [c for c in TABLE_COLUMNS if c in present] + sorted(present - set(TABLE_COLUMNS))
 
 
-def _format_value(column: str, value: float | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
+def format_number(column: str, value: float | None) -> str | None:
+    """A table cell's number without units or markup, or None when missing / NaN.
+
+    AD and IC (percentages already): 2 decimals; R and forward passes as counts; GFLOPs and
+    ms/image: 3 significant digits; AUCs and pointing games (fractions): 4 decimals.
+    """
+    if value is None or not isinstance(value, (int, float)) or math.isnan(value):
+        return None
     if column.startswith(("AD@", "IC@")):
-        return f"{value:.2f}%"
+        return f"{value:.2f}"
     if column in ("resolution", "forward_passes"):
         return f"{value:g}"
     if column in ("ms_per_image", "gflops"):
         return f"{value:.3g}"
     return f"{value:.4f}"
+
+
+def _format_value(column: str, value: float | None) -> str:
+    text = format_number(column, value)
+    if text is None:
+        return "-"
+    return text + "%" if column.startswith(("AD@", "IC@")) else text
 
 
 def markdown_table(results: Mapping[str, Mapping[str, float]]) -> str:

@@ -8,12 +8,11 @@ print the same best value are all bold; a column with fewer than two values has 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ptame.analysis.contributions import CONTRIBUTION_PREFIX
-from ptame.evaluation import table_columns
+from ptame.evaluation import format_number, table_columns
 
 #: "min" (lower is better) or "max" per metric; metrics absent here are never bold.
 METRIC_DIRECTIONS: dict[str, str] = {
@@ -80,21 +79,9 @@ def column_label(column: str) -> str:
 
 
 def format_value(column: str, value: float | None) -> str | None:
-    """The printed value (no LaTeX markup), or None when missing / NaN.
-
-    AD and IC are percentages already (2 decimals); R and forward passes as counts; GFLOPs and
-    ms/image with 3 significant digits; AUCs and pointing games as fractions (4 decimals), as
-    in results.md.
-    """
-    if value is None or not isinstance(value, (int, float)) or math.isnan(value):
-        return None
-    if column.startswith(("AD@", "IC@")):
-        return f"{value:.2f}"
-    if column in ("resolution", "forward_passes"):
-        return f"{value:g}"
-    if column in ("ms_per_image", "gflops"):
-        return f"{value:.3g}"
-    return f"{value:.4f}"
+    """The printed value (no LaTeX markup), or None when missing / NaN; the same digits as
+    results.md (:func:`ptame.evaluation.format_number`)."""
+    return format_number(column, value)
 
 
 def best_methods(results: Mapping[str, Mapping[str, float]], column: str) -> set[str]:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ptame.explainers.base import Explainer
 from ptame.explainers.target_layers import (
+    TargetLayerMixin,
     default_cam_layer,
     is_token_layer,
     named_network,
@@ -80,7 +81,7 @@ def _silent_library_progress(enabled: bool) -> Iterator[None]:
             module.tqdm = original
 
 
-class CAMExplainer(Explainer):
+class CAMExplainer(TargetLayerMixin, Explainer):
     """Class activation maps of one backbone layer, computed by pytorch-grad-cam.
 
     Args:
@@ -123,16 +124,6 @@ class CAMExplainer(Explainer):
         self.batch_size = batch_size
         self.progress = bool(progress)
         self._grid: tuple[int, int] | None = None
-
-    @property
-    def _layer(self) -> nn.Module:
-        """The target layer inside the backbone's network."""
-        return self.backbone.model.get_submodule(self.target_layer)
-
-    @property
-    def resolution(self) -> int | None:
-        """R = h * w of the target layer's maps (None before the first explanation)."""
-        return None if self._grid is None else self._grid[0] * self._grid[1]
 
     def resolve_targets(self, images: Tensor, targets: Tensor | None) -> Tensor | None:
         """Given targets are validated; None stays None: the library explains the prediction

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ptame.explainers.base import Explainer
 from ptame.explainers.cam import gradient_enabled
 from ptame.explainers.target_layers import (
+    TargetLayerMixin,
     default_cam_layer,
     named_network,
     normalise_maps,
@@ -54,7 +55,7 @@ def combine_maps(features: Tensor, weights: Tensor, size: tuple[int, int]) -> Te
     return ((flat - low) / (span + 1e-8)).view_as(upsampled)
 
 
-class OptiCAMExplainer(Explainer):
+class OptiCAMExplainer(TargetLayerMixin, Explainer):
     """Opti-CAM saliency maps, optimised per image.
 
     Args:
@@ -99,16 +100,6 @@ class OptiCAMExplainer(Explainer):
         self.batch_size = batch_size
         self._grid: tuple[int, int] | None = None
         self.objective_history: Tensor | None = None
-
-    @property
-    def _layer(self) -> nn.Module:
-        """The target layer inside the backbone's network."""
-        return self.backbone.model.get_submodule(self.target_layer)
-
-    @property
-    def resolution(self) -> int | None:
-        """R = h * w of the target layer's maps (None before the first explanation)."""
-        return None if self._grid is None else self._grid[0] * self._grid[1]
 
     def resolve_targets(self, images: Tensor, targets: Tensor | None) -> Tensor | None:
         """None stays None: the feature pass also gives the prediction (no extra pass)."""

@@ -201,3 +201,22 @@ def backbone_auxiliary(
     return AuxiliaryFeatureExtractor(
         extractor, layers, mean, std, name=f"backbone-features:{backbone.name}", config=config
     )
+
+
+class TargetLayerMixin:
+    """For explainers that read one layer of ``self.backbone.model`` named ``target_layer``
+    and record that layer's map grid in ``_grid`` (h, w) when they explain."""
+
+    backbone: Backbone
+    target_layer: str
+    _grid: tuple[int, int] | None
+
+    @property
+    def _layer(self) -> nn.Module:
+        """The target layer inside the backbone's network."""
+        return self.backbone.model.get_submodule(self.target_layer)
+
+    @property
+    def resolution(self) -> int | None:
+        """R = h * w of the target layer's maps (None before the first explanation)."""
+        return None if self._grid is None else self._grid[0] * self._grid[1]
