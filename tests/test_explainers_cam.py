@@ -256,3 +256,28 @@ def test_evaluate_builds_every_baseline_for_the_generated_backbones(tmp_path, ar
     assert build_explainer("rise", cfg, backbone).seed == cfg.seed
     assert build_explainer("scorecam", cfg, backbone).batch_size == 200
     assert build_explainer("opticam", cfg, backbone).resolution is None  # not run yet
+
+
+def test_import_ptame_does_not_load_the_baseline_libraries() -> None:
+    """The baselines load on first access: `import ptame` stays free of pytorch-grad-cam and
+    Lightning, and the lazy names resolve to the real classes (as Hydra's _target_ needs)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ptame\n"
+        "assert 'pytorch_grad_cam' not in sys.modules, 'pytorch_grad_cam imported eagerly'\n"
+        "assert 'lightning' not in sys.modules, 'lightning imported eagerly'\n"
+        "from hydra._internal.utils import _locate\n"
+        "from ptame.explainers.cam import CAMExplainer\n"
+        "assert _locate('ptame.explainers.CAMExplainer') is CAMExplainer\n"
+        "import ptame.explainers as e\n"
+        "try:\n"
+        "    e.NoSuchExplainer\n"
+        "except AttributeError as error:\n"
+        "    assert 'NoSuchExplainer' in str(error)\n"
+        "else:\n"
+        "    raise AssertionError('unknown name resolved')\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
