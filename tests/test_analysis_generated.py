@@ -124,8 +124,9 @@ def test_ptame_maps_change_only_where_the_randomised_backbone_predicts_another_c
 
 @pytest.mark.xfail(strict=True, reason=(
     "P-TAME reads the backbone only to find c*: with the class fixed its maps never change (SSIM 1); "
-    "with each randomised model's own class, 38-50% of the predictions survive a random stem and "
-    "the maps of the other classes stay similar (SSIM about 0.55-0.6), so the mean stays above 0.5"))
+    "with each randomised model's own class, 38-50% of the predictions survive a random stem and, "
+    "on one-object images, the maps of the other classes also sit on the object (SSIM 0.65 between "
+    "the maps of c* and of another class, seed 0), so the mean stays above 0.5 (0.71-0.77)"))
 def test_issue_claim_ptame_ssim_below_half_after_the_first_block(mprt_setup):
     explainer, images = mprt_setup
     result = model_parameter_randomisation(explainer, images)
