@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,3 +62,9 @@ def backbone() -> Backbone:
 @pytest.fixture
 def auxiliary() -> AuxiliaryFeatureExtractor:
     return make_auxiliary()
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    """A fresh ``paths.cache_dir`` shared by the tests of one module (generated data, classifiers)."""
+    return tmp_path_factory.mktemp("ptame-cache")

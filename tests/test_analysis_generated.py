@@ -5,9 +5,7 @@ the comparison table end to end through evaluate.py, the sanity check and the ch
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ from ptame.data.generated import GeneratedShapesSpec, load_or_generate
 from ptame.explainers import CAMExplainer, load_explainer
 from ptame.generated_models import generated_backbone
 
-from .paths import REPO_ROOT
+from .paths import failure_output, run_entry_point
 
 pytestmark = pytest.mark.slow
 
@@ -27,17 +25,10 @@ METHODS = ["ptame", "gradcam", "gradcampp", "scorecam", "ablationcam", "rise", "
 
 
 def run_script(script: str, run_dir, cache_dir, *overrides, timeout=1800) -> subprocess.CompletedProcess:
-    command = [sys.executable, script, "experiment=default", f"paths.cache_dir={cache_dir}",
-               f"hydra.run.dir={run_dir}", *overrides]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    result = run_entry_point(script, "experiment=default", f"paths.cache_dir={cache_dir}",
+                             f"hydra.run.dir={run_dir}", *overrides, timeout=timeout)
+    assert result.returncode == 0, failure_output(result)
     return result
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("ptame-cache")
 
 
 @pytest.fixture(scope="module")
@@ -138,10 +129,10 @@ def test_checkpoint_grid_command_on_two_auxiliaries(tmp_path, cache_dir, checkpo
     run_script("train.py", coarse_dir, cache_dir, "auxiliary.layers=[layer3,layer4]", "+trainer.max_steps=5",
                "final_evaluation.overlay_images=0", "final_evaluation.max_images=16")
     output = tmp_path / "figure7.png"
-    command = [sys.executable, "-m", "ptame.figures", str(checkpoint), str(coarse_dir / "checkpoints" / "last.ckpt"),
-               "--labels", "layer2-4", "layer3-4", "--generated", "3", "--upsampling", "nearest",
-               "--cache-dir", str(cache_dir), "--output", str(output)]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_entry_point(
+        "-m", "ptame.figures", str(checkpoint), str(coarse_dir / "checkpoints" / "last.ckpt"),
+        "--labels", "layer2-4", "layer3-4", "--generated", "3", "--upsampling", "nearest",
+        "--cache-dir", str(cache_dir), "--output", str(output), timeout=600)
+    assert result.returncode == 0, failure_output(result)
     with Image.open(output) as grid:
         assert grid.size == (round(1.9 * 3 * 100), round(1.9 * 3 * 100))

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ import torch
 from ptame.explainers import load_explainer
 from ptame.generated_models import generated_backbone
 
-from .paths import REPO_ROOT
+from .paths import failure_output, run_entry_point
 
 SMOKE_KEYS = [
     "ptame/pointing_game", "ptame/energy_pointing_game", "random/pointing_game",
@@ -24,24 +22,15 @@ SMOKE_KEYS = [
 
 
 def run_train(run_dir, cache_dir, *overrides, timeout=300) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable, "train.py", "experiment=smoke", f"paths.cache_dir={cache_dir}",
-        f"hydra.run.dir={run_dir}", *overrides,
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("ptame-cache")
+    return run_entry_point("train.py", "experiment=smoke", f"paths.cache_dir={cache_dir}",
+                           f"hydra.run.dir={run_dir}", *overrides, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, cache_dir):
     run_dir = tmp_path_factory.mktemp("smoke-run")
     result = run_train(run_dir, cache_dir)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.returncode == 0, failure_output(result)
     return run_dir, result
 
 
@@ -75,7 +64,7 @@ def test_smoke_checkpoint_explains_with_the_inference_api(smoke_run, cache_dir):
 
 def test_ddp_with_two_cpu_processes_ends_with_identical_attention_weights(tmp_path, cache_dir, smoke_run):
     result = run_train(tmp_path, cache_dir, "trainer=ddp_cpu", "+trainer.max_steps=4", "final_evaluation.overlay_images=0")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.returncode == 0, failure_output(result)
     consistency = json.loads((tmp_path / "ddp_consistency.json").read_text())
     assert consistency["world_size"] == 2
     assert consistency["identical"] is True
@@ -90,13 +79,10 @@ def test_bad_config_value_fails_with_a_clear_message(tmp_path, cache_dir, smoke_
 
 
 def run_evaluate(run_dir, cache_dir, checkpoint, *overrides, timeout=400) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable, "evaluate.py", "experiment=smoke", f"paths.cache_dir={cache_dir}",
-        f"hydra.run.dir={run_dir}", f"ckpt_path={checkpoint}", "max_images=15",
-        "metrics.insertion_deletion.steps=8", "data.eval_batch_size=4", *overrides,
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    return run_entry_point(
+        "evaluate.py", "experiment=smoke", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}",
+        f"ckpt_path={checkpoint}", "max_images=15", "metrics.insertion_deletion.steps=8",
+        "data.eval_batch_size=4", *overrides, timeout=timeout)
 
 
 RESULT_KEYS = [
@@ -110,7 +96,7 @@ RESULT_KEYS = [
 def evaluation_run(tmp_path_factory, cache_dir, smoke_run):
     run_dir = tmp_path_factory.mktemp("evaluate-run")
     result = run_evaluate(run_dir, cache_dir, smoke_run[0] / "checkpoints" / "last.ckpt")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.returncode == 0, failure_output(result)
     return run_dir, result
 
 
@@ -139,7 +125,7 @@ def test_evaluate_writes_every_result_file(evaluation_run):
 def test_evaluate_gives_the_same_numbers_under_ddp(tmp_path, cache_dir, smoke_run, evaluation_run):
     single = json.loads((evaluation_run[0] / "results.json").read_text())
     result = run_evaluate(tmp_path, cache_dir, smoke_run[0] / "checkpoints" / "last.ckpt", "trainer=ddp_cpu")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.returncode == 0, failure_output(result)
     distributed = json.loads((tmp_path / "results.json").read_text())
     for method, figures in single.items():
         for key, value in figures.items():

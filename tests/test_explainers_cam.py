@@ -281,3 +281,12 @@ def test_import_ptame_does_not_load_the_baseline_libraries() -> None:
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr
+
+
+def test_every_public_explainer_name_resolves() -> None:
+    import ptame.explainers as explainers
+
+    lazy = set(explainers._LAZY_EXPLAINERS)
+    assert lazy <= set(explainers.__all__)
+    for name in explainers.__all__:
+        assert getattr(explainers, name).__name__ == name

@@ -37,7 +37,7 @@ from ptame.sweep.runner import (
 )
 from ptame.sweep.space import SearchSpace, SpaceError, format_override_value, parse_constraints
 
-from .paths import CONF_DIR, REPO_ROOT
+from .paths import CONF_DIR, REPO_ROOT, run_entry_point
 
 METRICS = [
     MetricSpec("MoRF", "val/ROAD_MoRF_AUC", "minimize", 0.36),
@@ -606,15 +606,7 @@ def test_report_files_and_best_experiment_config(tmp_path):
 def run_sweep(
     *arguments: str, env: dict | None = None, timeout: float = 900
 ) -> subprocess.CompletedProcess:
-    command = [sys.executable, "sweep.py", *arguments]
-    return subprocess.run(
-        command,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-    )
+    return run_entry_point("sweep.py", *arguments, timeout=timeout, env=env)
 
 
 def sweep_arguments(directory: Path, script: Path, *extra: str) -> list[str]:

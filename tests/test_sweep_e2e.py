@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from omegaconf import OmegaConf
 from ptame.sweep.journal import Journal
 from ptame.sweep.runner import MetricSpec, TrialSpec, TrialTask, process_alive
 
-from .paths import CONF_DIR, REPO_ROOT
+from .paths import CONF_DIR, REPO_ROOT, run_entry_point
 
 # the smoke experiment made tinier still: 256 training images (8 steps), ROAD at 3 percentages
 # on 16 validation images, small generated classifiers trained for one epoch
@@ -43,20 +42,8 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("ptame-cache")
-
-
 def run_sweep(*arguments: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "sweep.py", *arguments],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    return run_entry_point("sweep.py", *arguments, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

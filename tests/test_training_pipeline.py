@@ -1,6 +1,5 @@
 """Pipeline pieces of ptame.training without launching train.py."""
 
-import os
 
 import torch
 from hydra import compose, initialize_config_dir

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,7 +20,7 @@ from ptame.losses import PTAMELoss
 from ptame.networks import Backbone
 
 from .conftest import make_auxiliary, make_backbone
-from .paths import CONF_DIR, REPO_ROOT
+from .paths import CONF_DIR, failure_output, run_entry_point
 from .test_module import fit
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
@@ -181,12 +179,10 @@ def test_smoke_training_in_ttame_mode(tmp_path):
     """train.py smoke with auxiliary=from_backbone (trains the generated backbone when cold)."""
     cache = os.environ.get("PTAME_CACHE_DIR", str(tmp_path / "cache"))
     # `~auxiliary.epochs`: the smoke preset sets the generated auxiliary's training epochs
-    command = [sys.executable, "train.py", "experiment=smoke", "auxiliary=from_backbone",
-               "~auxiliary.epochs",
-               f"paths.cache_dir={cache}", f"hydra.run.dir={tmp_path / 'run'}"]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False,
-                            timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    result = run_entry_point("train.py", "experiment=smoke", "auxiliary=from_backbone",
+                             "~auxiliary.epochs", f"paths.cache_dir={cache}",
+                             f"hydra.run.dir={tmp_path / 'run'}", timeout=900)
+    assert result.returncode == 0, failure_output(result)
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     auxiliary = checkpoint["ptame"]["auxiliary"]
     assert auxiliary["name"].startswith("backbone-features:generated:small_vgg")

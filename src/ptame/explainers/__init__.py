@@ -26,7 +26,20 @@ _LAZY_EXPLAINERS: dict[str, str] = {
     "load_ttame_explainer": "ptame.explainers.ttame",
 }
 
-__all__ = ["Explainer", "PTAMEExplainer", "load_explainer", *_LAZY_EXPLAINERS]
+__all__ = [
+    "AISEExplainer",
+    "CAMExplainer",
+    "CentreGaussianExplainer",
+    "EnsembleExplainer",
+    "Explainer",
+    "LOTSExplainer",
+    "OptiCAMExplainer",
+    "PTAMEExplainer",
+    "RISEExplainer",
+    "RandomExplainer",
+    "load_explainer",
+    "load_ttame_explainer",
+]
 
 
 def __getattr__(name: str) -> Any:
