@@ -39,6 +39,11 @@ def test_smoke_run_writes_metrics_checkpoint_logs_and_overlays(smoke_run):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for key in SMOKE_KEYS:
         assert 0.0 <= metrics[key] <= 1.0, key
+    # the pointing game with TorchRay's tolerance scaled to 64 px, and the strict one next to it
+    assert metrics["pointing_tolerance_px"] == 2.0
+    for method in ("ptame", "random", "centre_gaussian"):
+        assert metrics[f"{method}/pointing_game_strict"] <= metrics[f"{method}/pointing_game"]
+    assert "pointing game (< 2 px)" in result.stdout and "pointing (strict)" in result.stdout
     assert metrics["explanation_resolution"] == 16 * 16
     assert "Localisation on held-out images" in result.stdout
     assert (run_dir / "overlays.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -78,6 +83,13 @@ def test_bad_config_value_fails_with_a_clear_message(tmp_path, cache_dir, smoke_
     assert "loss.ce_weight must be a non-negative number, got -1" in result.stderr
 
 
+def test_bad_pointing_tolerance_is_refused_before_training(tmp_path, cache_dir):
+    result = run_train(tmp_path, cache_dir, "final_evaluation.pointing_tolerance=-1")
+    assert result.returncode != 0
+    assert "final_evaluation.pointing_tolerance: pointing-game tolerance must be a finite" in result.stderr
+    assert not (tmp_path / "checkpoints").exists()  # refused before any training
+
+
 def run_evaluate(run_dir, cache_dir, checkpoint, *overrides, timeout=400) -> subprocess.CompletedProcess:
     return run_entry_point(
         "evaluate.py", "experiment=smoke", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}",
@@ -87,8 +99,8 @@ def run_evaluate(run_dir, cache_dir, checkpoint, *overrides, timeout=400) -> sub
 
 RESULT_KEYS = [
     "AD@100", "AD@50", "AD@15", "IC@100", "IC@50", "IC@15", "ROAD_MoRF_AUC", "ROAD_LeRF_AUC",
-    "pointing_game", "energy_pointing_game", "insertion_AUC", "deletion_AUC", "forward_passes",
-    "resolution", "gflops", "ms_per_image",
+    "pointing_game", "energy_pointing_game", "pointing_game_strict", "insertion_AUC",
+    "deletion_AUC", "forward_passes", "resolution", "gflops", "ms_per_image",
 ]
 
 

@@ -5,7 +5,12 @@ from hypothesis import strategies as st
 
 from ptame.explainers import CentreGaussianExplainer, RandomExplainer
 from ptame.metrics import EnergyPointingGame, PointingGame
-from ptame.metrics.localisation import energy_shares, pointing_hits
+from ptame.metrics.localisation import (
+    dilate_masks,
+    energy_shares,
+    pointing_hits,
+    scaled_pointing_tolerance,
+)
 
 
 def test_pointing_and_energy_by_hand():
@@ -78,18 +83,58 @@ def test_random_explainer_is_reproducible_per_seed_and_independent_of_batching()
     assert not torch.equal(whole[0], whole[1])
 
 
-def test_pointing_tolerance_counts_maxima_near_the_object():
-    masks = torch.zeros(3, 9, 9, dtype=torch.bool)
+def test_pointing_tolerance_counts_maxima_closer_than_the_tolerance():
+    masks = torch.zeros(4, 9, 9, dtype=torch.bool)
     masks[:, 4, 4] = True  # a one-pixel object
-    maps = torch.zeros(3, 9, 9)
+    maps = torch.zeros(4, 9, 9)
     maps[0, 4, 6] = 1.0  # 2 px away (Euclidean 2.0)
     maps[1, 6, 6] = 1.0  # diagonal: Euclidean 2.83 px away
     maps[2, 4, 4] = 1.0  # inside
-    assert pointing_hits(maps, masks).tolist() == [0.0, 0.0, 1.0]
-    assert pointing_hits(maps, masks, tolerance=2).tolist() == [1.0, 0.0, 1.0]
-    assert pointing_hits(maps, masks, tolerance=3).tolist() == [1.0, 1.0, 1.0]
+    maps[3, 5, 5] = 1.0  # touching diagonally: Euclidean 1.41 px away
+    assert pointing_hits(maps, masks).tolist() == [0.0, 0.0, 1.0, 0.0]
+    assert pointing_hits(maps, masks, tolerance=1).tolist() == [0.0, 0.0, 1.0, 0.0]  # < 1: strict
+    # TorchRay's strict inequality: at exactly 2.0 px a tolerance of 2 misses
+    assert pointing_hits(maps, masks, tolerance=2).tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert pointing_hits(maps, masks, tolerance=2.5).tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert pointing_hits(maps, masks, tolerance=3).tolist() == [1.0, 1.0, 1.0, 1.0]
     metric = PointingGame(tolerance=2)
     metric.update(maps, masks)
-    assert metric.compute().item() == pytest.approx(2 / 3)
-    with pytest.raises(ValueError, match="tolerance"):
-        PointingGame(tolerance=-1)
+    assert metric.compute().item() == pytest.approx(2 / 4)
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="tolerance"):
+            PointingGame(tolerance=bad)
+
+
+def torchray_hit(mask: torch.Tensor, point_yx: tuple[int, int], tolerance: float) -> bool:
+    """TorchRay's ``PointingGame.evaluate`` written out: is an object pixel at squared distance
+    < tolerance**2 from the point (tolerance 0: the point itself)?"""
+    if tolerance == 0:
+        return bool(mask[point_yx])
+    ys, xs = mask.nonzero(as_tuple=True)
+    distances2 = (ys - point_yx[0]) ** 2 + (xs - point_yx[1]) ** 2
+    return bool((distances2 < tolerance**2).any())
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), size=st.integers(3, 20),
+       tolerance=st.sampled_from([0, 0.5, 1, 1.5, 1.92, 2, 2.5, 3, 4.2, 7]))
+def test_pointing_hits_match_torchray_point_by_point(seed, size, tolerance):
+    generator = torch.Generator().manual_seed(seed)
+    masks = torch.rand(6, size, size, generator=generator) > 0.85
+    masks[0] = False  # an empty object is never hit
+    maps = torch.rand(6, size, size, generator=generator)  # continuous: one maximum each
+    hits = pointing_hits(maps, masks, tolerance)
+    for image in range(6):
+        point = divmod(int(maps[image].argmax()), size)
+        assert hits[image].item() == float(torchray_hit(masks[image], point, tolerance))
+
+
+def test_scaled_tolerance_is_torchrays_15_px_at_500_px():
+    assert scaled_pointing_tolerance(500) == pytest.approx(15.0)
+    assert scaled_pointing_tolerance(64) == pytest.approx(1.92)
+    assert scaled_pointing_tolerance(224) == pytest.approx(6.72)
+    # on the pixel grid 1.92 px accepts exactly what 2 px accepts (the 8 neighbours)
+    masks = torch.rand(20, 16, 16, generator=torch.Generator().manual_seed(0)) > 0.9
+    assert torch.equal(dilate_masks(masks, scaled_pointing_tolerance(64)), dilate_masks(masks, 2))
+    with pytest.raises(ValueError, match="positive"):
+        scaled_pointing_tolerance(0)

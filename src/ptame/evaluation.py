@@ -31,11 +31,11 @@ from ptame.networks import Backbone
 # Column order of the result tables (Table 1 of the paper first).
 TABLE_COLUMNS = [
     "AD@100", "AD@50", "AD@15", "IC@100", "IC@50", "IC@15", "ROAD_MoRF_AUC", "ROAD_LeRF_AUC",
-    "insertion_AUC", "deletion_AUC", "pointing_game", "energy_pointing_game", "pointing_game_tolerant",
+    "insertion_AUC", "deletion_AUC", "pointing_game", "energy_pointing_game", "pointing_game_strict",
     "resolution", "forward_passes", "gflops", "ms_per_image",
 ]
 # Metrics that compare maps with ground-truth object masks.
-LOCALISATION_METRICS = ("pointing_game", "energy_pointing_game", "pointing_game_tolerant")
+LOCALISATION_METRICS = ("pointing_game", "energy_pointing_game", "pointing_game_strict")
 
 
 def build_metrics(
@@ -58,11 +58,20 @@ def build_metrics(
     if settings.get("insertion_deletion") is not None:
         metrics["insertion_deletion"] = InsertionDeletion(backbone, **dict(settings["insertion_deletion"]))
     if has_masks and settings.get("localisation", True):
-        metrics["pointing_game"] = PointingGame()
-        metrics["energy_pointing_game"] = EnergyPointingGame()
-        tolerance = int(settings.get("pointing_tolerance") or 0)
-        if tolerance > 0:
-            metrics["pointing_game_tolerant"] = PointingGame(tolerance=tolerance)
+        metrics.update(localisation_metrics(float(settings.get("pointing_tolerance") or 0.0)))
+    return metrics
+
+
+def localisation_metrics(pointing_tolerance: float, **metric_kwargs: Any) -> dict[str, Metric]:
+    """``pointing_game`` (with ``pointing_tolerance`` pixels, TorchRay's convention),
+    ``energy_pointing_game``, and ``pointing_game_strict`` (zero tolerance) when the tolerance is
+    positive; ``metric_kwargs`` go to every metric (e.g. ``sync_on_compute=False``)."""
+    metrics: dict[str, Metric] = {
+        "pointing_game": PointingGame(tolerance=pointing_tolerance, **metric_kwargs),
+        "energy_pointing_game": EnergyPointingGame(**metric_kwargs),
+    }
+    if pointing_tolerance > 0:
+        metrics["pointing_game_strict"] = PointingGame(tolerance=0.0, **metric_kwargs)
     return metrics
 
 
@@ -146,7 +155,7 @@ def evaluate_localisation(
     batches: Iterable[dict[str, Tensor]],
     device: str | torch.device = "cpu",
     max_images: int | None = None,
-    pointing_tolerance: int = 0,
+    pointing_tolerance: float = 0.0,
 ) -> dict[str, float]:
     """Pointing game and energy-based pointing game of each explainer on the same images.
 
@@ -156,8 +165,9 @@ def evaluate_localisation(
             ``index`` (B,).
         device: where explainers and metrics run.
         max_images: stop after this many images (None: all).
-        pointing_tolerance: pixels; when > 0, also ``<name>/pointing_game_tolerant``, the
-            pointing game counting maxima within this distance of the object as hits.
+        pointing_tolerance: pixels; ``<name>/pointing_game`` counts a maximum at distance <
+            this from the object as a hit (TorchRay's convention; 0 = strict). When > 0,
+            ``<name>/pointing_game_strict`` (zero tolerance) is reported too.
 
     Returns:
         flat ``{"<name>/pointing_game": value, "<name>/energy_pointing_game": value, ...}``.
@@ -166,13 +176,9 @@ def evaluate_localisation(
     suites: dict[str, dict[str, Metric]] = {}
     for name in explainers:
         suites[name] = {
-            "pointing_game": PointingGame(sync_on_compute=False).to(device),
-            "energy_pointing_game": EnergyPointingGame(sync_on_compute=False).to(device),
+            key: metric.to(device)
+            for key, metric in localisation_metrics(pointing_tolerance, sync_on_compute=False).items()
         }
-        if pointing_tolerance > 0:
-            suites[name]["pointing_game_tolerant"] = PointingGame(
-                tolerance=pointing_tolerance, sync_on_compute=False
-            ).to(device)
     seen = 0
     for batch in tqdm(batches, desc="localisation", leave=False):
         count = batch["image"].shape[0] if max_images is None else min(batch["image"].shape[0], max_images - seen)
@@ -193,19 +199,22 @@ def evaluate_localisation(
     return results
 
 
-def format_localisation_table(results: Mapping[str, float], names: Iterable[str]) -> str:
-    """A plain-text table: one row per method, pointing game and energy columns (and the
-    tolerant pointing game when ``results`` has it)."""
+def format_localisation_table(
+    results: Mapping[str, float], names: Iterable[str], pointing_tolerance: float = 0.0
+) -> str:
+    """A plain-text table: one row per method; pointing game (with its tolerance in the header),
+    energy, and the strict pointing game when ``results`` has it."""
     names = list(names)
-    tolerant = any(f"{name}/pointing_game_tolerant" in results for name in names)
-    header = f"{'method':<18}{'pointing game':>15}{'energy':>10}"
-    lines = [header + (f"{'pointing (tolerant)':>22}" if tolerant else "")]
+    strict = any(f"{name}/pointing_game_strict" in results for name in names)
+    pointing_header = f"pointing game (< {pointing_tolerance:g} px)" if pointing_tolerance > 0 else "pointing game"
+    header = f"{'method':<18}{pointing_header:>26}{'energy':>10}"
+    lines = [header + (f"{'pointing (strict)':>20}" if strict else "")]
     for name in names:
         pointing = results.get(f"{name}/pointing_game", math.nan)
         energy = results.get(f"{name}/energy_pointing_game", math.nan)
-        line = f"{name:<18}{pointing:>15.3f}{energy:>10.3f}"
-        if tolerant:
-            line += f"{results.get(f'{name}/pointing_game_tolerant', math.nan):>22.3f}"
+        line = f"{name:<18}{pointing:>26.3f}{energy:>10.3f}"
+        if strict:
+            line += f"{results.get(f'{name}/pointing_game_strict', math.nan):>20.3f}"
         lines.append(line)
     return "\n".join(lines)
 

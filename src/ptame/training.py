@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from ptame.evaluation import evaluate_localisation, format_localisation_table, write_json_atomic
 from ptame.explainers import CentreGaussianExplainer, RandomExplainer
 from ptame.lightning_module import PTAMEModule
+from ptame.metrics.localisation import check_pointing_tolerance
 from ptame.visualise import overlay_grid
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,15 @@ def final_losses(trainer: L.Trainer) -> dict[str, float]:
     }
 
 
+def check_final_evaluation_settings(cfg: DictConfig) -> None:
+    """Refuse a bad ``final_evaluation.pointing_tolerance`` before training, not after it."""
+    tolerance = (cfg.get("final_evaluation") or {}).get("pointing_tolerance") or 0.0
+    try:
+        check_pointing_tolerance(tolerance)
+    except ValueError as error:
+        raise ValueError(f"final_evaluation.pointing_tolerance: {error}") from None
+
+
 def run_final_evaluation(
     cfg: DictConfig, module: PTAMEModule, datamodule: Any, run_dir: Path, loggers: list[Logger]
 ) -> dict[str, float]:
@@ -94,11 +104,13 @@ def run_final_evaluation(
     datamodule.setup("test")
     results: dict[str, float] = {}
     if getattr(datamodule, "has_masks", False):
+        tolerance = float(settings.get("pointing_tolerance") or 0.0)
         results = evaluate_localisation(
             explainers, datamodule.test_dataloader(), device, settings.get("max_images"),
-            pointing_tolerance=int(settings.get("pointing_tolerance") or 0),
+            pointing_tolerance=tolerance,
         )
-        table = format_localisation_table(results, explainers)
+        results["pointing_tolerance_px"] = tolerance
+        table = format_localisation_table(results, explainers, tolerance)
         print(f"\nLocalisation on held-out images (explaining the backbone's prediction):\n{table}\n")
     count = int(settings.get("overlay_images", 8))
     if count > 0:
@@ -124,6 +136,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
         the flat metrics dict that was written (on rank 0; other ranks return the losses).
     """
     run_dir = Path(run_dir)
+    check_final_evaluation_settings(cfg)
     configure_torch(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
     module, datamodule = build_module(cfg)

@@ -5,7 +5,7 @@ processes."""
 from ptame.metrics.confidence import AverageDropIncrease
 from ptame.metrics.cost import ExplainerCost, measure_cost
 from ptame.metrics.insertion_deletion import InsertionDeletion
-from ptame.metrics.localisation import EnergyPointingGame, PointingGame
+from ptame.metrics.localisation import EnergyPointingGame, PointingGame, scaled_pointing_tolerance
 from ptame.metrics.imputation import noisy_linear_imputation
 from ptame.metrics.road import ROAD, curve_auc
 
@@ -20,4 +20,5 @@ __all__ = [
     "curve_auc",
     "measure_cost",
     "noisy_linear_imputation",
+    "scaled_pointing_tolerance",
 ]

@@ -6,6 +6,7 @@ duplicates a DistributedSampler pads in are counted once and 1 or N processes ag
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -24,33 +25,69 @@ def _check(maps: Tensor, masks: Tensor) -> None:
         raise ValueError("saliency maps contain NaN or infinite values")
 
 
-def dilate_masks(masks: Tensor, radius: int) -> Tensor:
-    """(B, H, W) bool masks grown by every pixel within Euclidean distance ``radius`` (pixels)."""
-    if radius < 0:
-        raise ValueError(f"pointing-game tolerance must be >= 0 pixels, got {radius}")
+# TorchRay's pointing-game benchmark (the reference implementation of Zhang et al.'s protocol)
+# tests the point at the dataset's native resolution with a 15 px tolerance: PASCAL VOC 2007
+# images are at most 500 px on their long side, COCO images 640 px.
+REFERENCE_TOLERANCE_PX = 15.0
+REFERENCE_IMAGE_SIDE_PX = 500.0
+
+
+def scaled_pointing_tolerance(image_side: int) -> float:
+    """TorchRay's 15 px tolerance at PASCAL VOC resolution (500 px), scaled to ``image_side``.
+
+    Args:
+        image_side: the long side of the evaluated maps, in pixels.
+
+    Returns:
+        the tolerance in pixels (1.92 at 64 px, 6.72 at 224 px, 15.0 at 500 px).
+    """
+    if image_side <= 0:
+        raise ValueError(f"image side must be positive, got {image_side}")
+    return REFERENCE_TOLERANCE_PX * image_side / REFERENCE_IMAGE_SIDE_PX
+
+
+def check_pointing_tolerance(tolerance: float) -> float:
+    """``tolerance`` as a float; ValueError unless it is a finite number of pixels >= 0."""
+    try:
+        tolerance = float(tolerance)
+    except (TypeError, ValueError):
+        raise ValueError(f"pointing-game tolerance must be a number of pixels, got {tolerance!r}") from None
+    if not math.isfinite(tolerance) or tolerance < 0:
+        raise ValueError(f"pointing-game tolerance must be a finite number of pixels >= 0, got {tolerance}")
+    return tolerance
+
+
+def dilate_masks(masks: Tensor, radius: float) -> Tensor:
+    """(B, H, W) bool masks grown by every pixel at Euclidean distance < ``radius`` (pixels).
+
+    The strict inequality is TorchRay's acceptance region (``du**2 + dv**2 < tolerance**2``);
+    ``radius`` 0 returns the masks unchanged (so radius 0 and radius 1 give the same masks).
+    """
+    radius = check_pointing_tolerance(radius)
     if radius == 0:
         return masks.bool()
-    offsets = torch.arange(-radius, radius + 1, device=masks.device, dtype=torch.float32)
-    disk = (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius**2).float()
-    grown = torch.nn.functional.conv2d(
-        masks[:, None].float(), disk[None, None], padding=radius
-    )
+    reach = math.ceil(radius) - 1  # the largest integer offset with offset < radius
+    if reach == 0:
+        return masks.bool()
+    offsets = torch.arange(-reach, reach + 1, device=masks.device, dtype=torch.float32)
+    disk = (offsets[:, None] ** 2 + offsets[None, :] ** 2 < radius**2).float()
+    grown = torch.nn.functional.conv2d(masks[:, None].float(), disk[None, None], padding=reach)
     return grown[:, 0] > 0.5
 
 
-def pointing_hits(maps: Tensor, masks: Tensor, tolerance: int = 0) -> Tensor:
-    """(B,) pointing-game score per image: 1.0 if the map's maximum pixel lies in the object.
+def pointing_hits(maps: Tensor, masks: Tensor, tolerance: float = 0.0) -> Tensor:
+    """(B,) pointing-game score per image: 1.0 if the map's maximum pixel hits the object.
 
-    When several pixels share the maximum (e.g. a saturated sigmoid), the score is the fraction
-    of them inside the object: the expected hit of a uniformly random tie-break. A constant map
-    therefore scores the object's area fraction, like a random guess, never a lucky 1.
-
-    ``tolerance`` (pixels, default 0 = strict) also counts a maximum within that Euclidean
-    distance of the object as a hit: the protocol of Zhang et al. (2018), who use 15 px at 224 px.
+    A hit, as in Zhang et al.'s protocol and TorchRay's implementation of it: some object pixel
+    lies at Euclidean distance < ``tolerance`` (pixels) from the maximum. ``tolerance`` 0 is the
+    strict game: the maximum itself must be an object pixel. When several pixels share the
+    maximum (e.g. a saturated sigmoid), the score is the fraction of them that hit: the expected
+    hit of a uniformly random tie-break. A constant map therefore scores the (grown) object's
+    area fraction, like a random guess, never a lucky 1.
     """
     _check(maps, masks)
     flat_maps = maps.flatten(1)
-    flat_masks = dilate_masks(masks.bool(), int(tolerance)).flatten(1)
+    flat_masks = dilate_masks(masks.bool(), tolerance).flatten(1)
     is_max = flat_maps == flat_maps.amax(dim=1, keepdim=True)
     return (is_max & flat_masks).sum(dim=1).float() / is_max.sum(dim=1).float()
 
@@ -90,17 +127,16 @@ class _LocalisationMetric(PerImageMetric):
 
 
 class PointingGame(_LocalisationMetric):
-    """Fraction of images whose map maximum lies inside the object (see :func:`pointing_hits`).
+    """Fraction of images whose map maximum hits the object (see :func:`pointing_hits`).
 
     Args:
-        tolerance: pixels; a maximum this close to the object also counts (0 = strict).
+        tolerance: pixels; a maximum at distance < tolerance from the object also counts
+            (TorchRay's convention; 0 = strict, the maximum must lie on the object).
     """
 
-    def __init__(self, tolerance: int = 0, **kwargs: Any) -> None:
+    def __init__(self, tolerance: float = 0.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if int(tolerance) != tolerance or tolerance < 0:
-            raise ValueError(f"pointing-game tolerance must be an integer >= 0, got {tolerance}")
-        self.tolerance = int(tolerance)
+        self.tolerance = check_pointing_tolerance(tolerance)
 
     def score(self, maps: Tensor, masks: Tensor) -> Tensor:
         return pointing_hits(maps, masks, self.tolerance)
