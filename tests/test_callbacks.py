@@ -51,3 +51,9 @@ def test_faithfulness_callback_logs_ad_ic_and_road_after_validation(tmp_path):
 def test_callback_settings_are_checked():
     with pytest.raises(ValueError, match="every_n_epochs"):
         FaithfulnessEvaluation(every_n_epochs=0)
+
+
+def test_faithfulness_callback_refuses_a_bad_pointing_tolerance_at_construction():
+    with pytest.raises(ValueError, match="pointing-game tolerance must be a finite number"):
+        FaithfulnessEvaluation(metrics={"pointing_tolerance": -2})
+    assert FaithfulnessEvaluation(metrics={"pointing_tolerance": 2}).metrics["pointing_tolerance"] == 2

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 
 from ptame.evaluation import write_json_atomic
+from ptame.metrics.localisation import check_pointing_tolerance
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ class FaithfulnessEvaluation(L.Callback):
             "adic": {"thresholds": [100, 50, 15]},
             "road": {"percentages": [10, 20, 30, 40, 50, 70, 90]},
         }
+        # refused now rather than after the first training epoch
+        check_pointing_tolerance(self.metrics.get("pointing_tolerance") or 0.0)
         self.last_results: dict[str, float] = {}
 
     def _loader(self, trainer: L.Trainer) -> torch.utils.data.DataLoader:

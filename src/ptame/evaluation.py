@@ -206,7 +206,9 @@ def format_localisation_table(
     energy, and the strict pointing game when ``results`` has it."""
     names = list(names)
     strict = any(f"{name}/pointing_game_strict" in results for name in names)
-    pointing_header = f"pointing game (< {pointing_tolerance:g} px)" if pointing_tolerance > 0 else "pointing game"
+    pointing_header = "pointing game"
+    if pointing_tolerance > 0:
+        pointing_header += f" (< {pointing_tolerance:g} px)"
     header = f"{'method':<18}{pointing_header:>26}{'energy':>10}"
     lines = [header + (f"{'pointing (strict)':>20}" if strict else "")]
     for name in names:

@@ -64,10 +64,8 @@ def dilate_masks(masks: Tensor, radius: float) -> Tensor:
     ``radius`` 0 returns the masks unchanged (so radius 0 and radius 1 give the same masks).
     """
     radius = check_pointing_tolerance(radius)
-    if radius == 0:
-        return masks.bool()
-    reach = math.ceil(radius) - 1  # the largest integer offset with offset < radius
-    if reach == 0:
+    reach = math.ceil(radius) - 1  # the largest integer offset below radius (-1 for radius 0)
+    if reach <= 0:
         return masks.bool()
     offsets = torch.arange(-reach, reach + 1, device=masks.device, dtype=torch.float32)
     disk = (offsets[:, None] ** 2 + offsets[None, :] ** 2 < radius**2).float()
