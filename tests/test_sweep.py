@@ -35,7 +35,13 @@ from ptame.sweep.runner import (
     last_error_line,
     process_alive,
 )
-from ptame.sweep.space import SearchSpace, SpaceError, format_override_value, parse_constraints
+from ptame.sweep.space import (
+    FEASIBILITY_TOLERANCE,
+    SearchSpace,
+    SpaceError,
+    format_override_value,
+    parse_constraints,
+)
 
 from .paths import CONF_DIR, REPO_ROOT, run_entry_point
 
@@ -693,7 +699,7 @@ def test_sweep_runs_sobol_then_botorch_batches_and_survives_a_failing_trial(
     for trial, record in state.items():
         assert [r["status"] for r in records if r["trial"] == trial][-1] in ("completed", "failed")
         params = record["params"]
-        assert params["lambda1"] + params["lambda2"] <= 1 + 1e-12 and params["lambda_area"] in (
+        assert params["lambda1"] + params["lambda2"] <= 1 + FEASIBILITY_TOLERANCE and params["lambda_area"] in (
             0.5,
             1.0,
             2.0,

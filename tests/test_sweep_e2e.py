@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ptame.sweep.journal import Journal
+from ptame.sweep.space import FEASIBILITY_TOLERANCE
 from ptame.sweep.runner import MetricSpec, TrialSpec, TrialTask, process_alive
 
 from .paths import CONF_DIR, REPO_ROOT, run_entry_point
@@ -75,7 +76,7 @@ def test_six_trial_sweep_journal_holds_real_trials(acceptance_sweep):
     for trial, record in state.items():
         assert record["status"] == "completed", record.get("error")
         params = record["params"]
-        assert params["lambda1"] + params["lambda2"] <= 1 + 1e-12 and params["lambda_area"] in (
+        assert params["lambda1"] + params["lambda2"] <= 1 + FEASIBILITY_TOLERANCE and params["lambda_area"] in (
             0.5,
             1.0,
             2.0,
