@@ -7,18 +7,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ptame.evaluation_pipeline import run_evaluation
+from ptame.pipelines.evaluate import run_evaluation
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    run_evaluation(cfg, HydraConfig.get().runtime.output_dir, Path(__file__).parent / "conf")
+    run_evaluation(cfg, HydraConfig.get().runtime.output_dir)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ptame.training import run_training
+from ptame.pipelines.train import run_training
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -17,7 +17,7 @@ from contextlib import nullcontext
 import torch
 
 from ptame.losses import PTAMELoss
-from ptame.lightning_module import PTAMEModule
+from ptame.module import PTAMEModule
 from ptame.networks import torchvision_auxiliary, torchvision_backbone
 
 

@@ -1,57 +1,22 @@
-"""Shared fixtures: tiny frozen networks that build in milliseconds."""
+"""Shared fixtures: tiny frozen networks (tests/helpers/), a module-scoped cache, in-process configs."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import torch
-from torch import nn
+from hydra import compose
+from omegaconf import DictConfig
 
 from ptame.networks import AuxiliaryFeatureExtractor, Backbone
 
+from .helpers.configs import hydra_search_path
+from .helpers.networks import make_auxiliary, make_backbone
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-
-
-class TinyClassifier(nn.Module):
-    """conv-pool-linear classifier: (B, 3, H, W) -> (B, num_classes)."""
-
-    def __init__(self, num_classes: int = 5) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.head = nn.Linear(8, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).mean(dim=(2, 3)))
-
-
-class TinyPyramid(nn.Module):
-    """Three feature levels at strides 2, 4 and 8 (odd sizes for odd inputs): list output."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.level1 = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU())
-        self.level2 = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.Dropout(0.5), nn.ReLU())
-        self.level3 = nn.Sequential(nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.ReLU())
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        first = self.level1(x)
-        second = self.level2(first)
-        return [first, second, self.level3(second)]
-
-
-def make_backbone(num_classes: int = 5, seed: int = 0, name: str = "tiny-classifier") -> Backbone:
-    torch.manual_seed(seed)
-    return Backbone(TinyClassifier(num_classes), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), name=name)
-
-
-def make_auxiliary(seed: int = 1, name: str = "tiny-pyramid") -> AuxiliaryFeatureExtractor:
-    torch.manual_seed(seed)
-    return AuxiliaryFeatureExtractor(
-        TinyPyramid(), ["level1", "level2", "level3"], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), name=name
-    )
 
 
 @pytest.fixture
@@ -68,3 +33,11 @@ def auxiliary() -> AuxiliaryFeatureExtractor:
 def cache_dir(tmp_path_factory) -> Path:
     """A fresh ``paths.cache_dir`` shared by the tests of one module (generated data, classifiers)."""
     return tmp_path_factory.mktemp("ptame-cache")
+
+
+@pytest.fixture
+def configs() -> Iterator[Callable[..., DictConfig]]:
+    """``configs(name, overrides)`` composes the repository's configs; Hydra stays initialised on
+    conf/ for the whole test (``build_explainer`` reads explainer configs through it)."""
+    with hydra_search_path():
+        yield lambda name, overrides=(): compose(config_name=name, overrides=list(overrides))

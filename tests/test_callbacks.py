@@ -36,7 +36,7 @@ def test_faithfulness_callback_logs_ad_ic_and_road_after_validation(tmp_path):
     assert 0 <= float(metrics["val/AD@15"]) <= 100
     assert float(metrics["val/AD@100"]) == pytest.approx(callback.last_results["AD@100"])
     # the same figures from a fresh metric run on the same six images
-    from ptame.evaluation import build_metrics, compute_metrics, update_metrics
+    from ptame.evaluation.suite import build_metrics, compute_metrics, update_metrics
 
     suite = build_metrics(module.ptame.backbone, callback.metrics, has_masks=False)
     images = torch.stack([RandomImages(12)[i]["image"] for i in range(6)])

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from ptame.explainers import load_explainer
-from ptame.generated_models import generated_backbone
+from ptame.data.generated_classifiers import generated_backbone
 
-from .paths import failure_output, run_entry_point
+from .helpers.entry_points import failure_output, run_entry_point
 
 SMOKE_KEYS = [
     "ptame/pointing_game", "ptame/energy_pointing_game", "random/pointing_game",

@@ -14,7 +14,7 @@ from torch import nn
 from ptame.data.generated import GeneratedShapesSpec, generate_split
 from ptame.explainers import AISEExplainer
 from ptame.explainers.aise import gaussian_masks, lipo_choice, lipschitz_estimate, weighted_kde
-from ptame.generated_models import small_vgg
+from ptame.networks.small import small_vgg
 from ptame.metrics.cost import _ForwardCounter, measure_cost
 from ptame.networks import Backbone
 

@@ -7,17 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from hydra import compose, initialize_config_dir
 
-from ptame.evaluation_pipeline import build_explainer
+from ptame.pipelines.evaluate import build_explainer
 from ptame.explainers import CAMExplainer, OptiCAMExplainer, RISEExplainer
-from ptame.explainers.target_layers import default_cam_layer, tokens_to_grid
-from ptame.generated_models import small_resnet, small_vgg
+from ptame.networks.architectures import default_cam_layer
+from ptame.networks.backbone_features import tokens_to_grid
+from ptame.networks.small import small_resnet, small_vgg
 from ptame.metrics.cost import measure_cost
 from ptame.networks import Backbone
 
-from .conftest import make_backbone
-from .constructed_models import (
+from .helpers.networks import make_backbone
+from .helpers.constructed import (
     BLUE,
     RED,
     peak_in,
@@ -25,7 +25,6 @@ from .constructed_models import (
     two_colour_backbone,
     two_colour_image,
 )
-from .paths import CONF_DIR
 
 METHODS = ["gradcam", "gradcampp", "scorecam", "ablationcam"]
 
@@ -228,14 +227,9 @@ def test_bad_configurations_fail_clearly():
         CAMExplainer(plain, "gradcam", target_layer="features")
 
 
-def compose_evaluate(overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="evaluate", overrides=overrides)
-
-
 @pytest.mark.parametrize("architecture", ["small_vgg", "small_resnet"])
-def test_evaluate_builds_every_baseline_for_the_generated_backbones(tmp_path, architecture):
-    cfg = compose_evaluate([
+def test_evaluate_builds_every_baseline_for_the_generated_backbones(tmp_path, architecture, configs):
+    cfg = configs("evaluate", [
         "experiment=smoke", f"paths.cache_dir={tmp_path}", "+explainer_options.rise.num_masks=6",
         "+explainer_options.opticam.iterations=2", "+explainer_options.scorecam.batch_size=200",
     ])

@@ -7,18 +7,19 @@ import math
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ptame.evaluation_pipeline import build_explainer
+from ptame.pipelines.evaluate import build_explainer
 from ptame.explainers import AISEExplainer, EnsembleExplainer, LOTSExplainer
 from ptame.explainers.base import Explainer
 from ptame.explainers.baselines import CentreGaussianExplainer, RandomExplainer
-from ptame.explainers.ensemble import aggregate_maps, normalise_maps, rescale_unit
+from ptame.explainers.ensemble import aggregate_maps, normalise_member_maps
+from ptame.maps import minmax_maps
 from ptame.metrics.cost import measure_cost
 
-from .conftest import make_backbone
-from .paths import CONF_DIR
+from .helpers.networks import make_backbone
+from .helpers.configs import compose_config, hydra_search_path
+from .helpers.entry_points import CONF_DIR
 
 # two members, one image of 2 x 2 pixels: mu = [.5, 1, 1, 4], sigma = [.5, 0, 1, 1], E+ = 4
 E1 = [[0.0, 1.0], [2.0, 3.0]]
@@ -70,24 +71,24 @@ def ei_by_hand(mu: float, sigma: float, best: float, eps: float) -> float:
     ("l2", [v / math.sqrt(14) for v in (0, 1, 2, 3)]),
 ])
 def test_normalisations_match_hand_computation(method, expected):
-    result = normalise_maps(stack(E1, [[5.0, 5.0], [5.0, 5.0]]), method)
+    result = normalise_member_maps(stack(E1, [[5.0, 5.0], [5.0, 5.0]]), method)
     assert pixels(result[0]) == pytest.approx(expected, abs=1e-12)
 
 
 def test_normalisations_are_per_map():
-    both = normalise_maps(stack(E1, E2), "minmax")
+    both = normalise_member_maps(stack(E1, E2), "minmax")
     assert pixels(both[1]) == pytest.approx([0.2, 0.2, 0.0, 1.0])
 
 
 @pytest.mark.parametrize("method", ["minmax", "zscore"])
 def test_constant_map_normalises_to_zeros(method):
-    result = normalise_maps(stack([[5.0, 5.0], [5.0, 5.0]]), method)
+    result = normalise_member_maps(stack([[5.0, 5.0], [5.0, 5.0]]), method)
     assert pixels(result) == [0.0] * 4
 
 
 @pytest.mark.parametrize("method", ["l1", "l2"])
 def test_zero_map_normalises_to_zeros(method):
-    assert pixels(normalise_maps(stack([[0.0, 0.0], [0.0, 0.0]]), method)) == [0.0] * 4
+    assert pixels(normalise_member_maps(stack([[0.0, 0.0], [0.0, 0.0]]), method)) == [0.0] * 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +165,7 @@ def test_identical_members_give_finite_maps_with_sigma_zero(method):
     same = stack(E1, E1, E1)
     result = aggregate_maps(same, method)
     assert torch.isfinite(result).all()
-    assert torch.isfinite(rescale_unit(result)).all()
+    assert torch.isfinite(minmax_maps(result)).all()
 
 
 def test_sigma_zero_limits():
@@ -185,9 +186,9 @@ def test_contextual_improvement_with_zero_best_uses_eps_zero():
     assert pixels(result) == pytest.approx(expected, abs=1e-12)
 
 
-def test_rescale_unit_is_min_max_per_image_and_zero_for_constants():
+def test_final_rescaling_is_min_max_per_image_and_zero_for_constants():
     maps = torch.tensor([[[1.0, 3.0], [5.0, 9.0]], [[2.0, 2.0], [2.0, 2.0]]])
-    assert pixels(rescale_unit(maps)) == [0.0, 0.25, 0.5, 1.0, 0.0, 0.0, 0.0, 0.0]
+    assert pixels(minmax_maps(maps)) == [0.0, 0.25, 0.5, 1.0, 0.0, 0.0, 0.0, 0.0]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -205,7 +206,7 @@ def test_bad_aggregation_options_fail_clearly(kwargs, message):
 
 def test_bad_normalisation_and_shapes_fail_clearly():
     with pytest.raises(ValueError, match="unknown ensemble normalisation 'softmax'"):
-        normalise_maps(stack(E1), "softmax")
+        normalise_member_maps(stack(E1), "softmax")
     with pytest.raises(ValueError, match=r"\(K, B, H, W\)"):
         aggregate_maps(torch.zeros(2, 2, 2), "mean")
 
@@ -251,7 +252,7 @@ def test_single_member_mean_ensemble_is_the_member_rescaled():
     member = CentreGaussianExplainer(backbone, sigma=0.3)
     ensemble = EnsembleExplainer({"centre": member}, normalisation="none", aggregation="mean")
     images = torch.rand(2, 3, 9, 9)
-    expected = rescale_unit(member(images, torch.tensor([0, 0])))
+    expected = minmax_maps(member(images, torch.tensor([0, 0])))
     assert torch.allclose(ensemble(images, torch.tensor([0, 0])), expected)
     assert ensemble.member_names == ["centre"]
 
@@ -296,12 +297,11 @@ def test_bad_ensembles_fail_clearly():
 
 
 def compose_evaluate(overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="evaluate", overrides=["experiment=smoke", *overrides])
+    return compose_config("evaluate", ["experiment=smoke", *overrides])
 
 
-def test_build_lots_aise_and_ensemble_from_the_smoke_config():
-    cfg = compose_evaluate([
+def test_build_lots_aise_and_ensemble_from_the_smoke_config(configs):
+    cfg = configs("evaluate", ["experiment=smoke",
         "+explainer_options.ensemble.members=[random,centre_gaussian]",
         "+explainer_options.centre_gaussian.sigma=0.1",
         "+explainer_options.lots.max_iterations=5",
@@ -346,15 +346,17 @@ def test_an_ensemble_cannot_contain_itself(tmp_path):
     (tmp_path / "explainer" / "random.yaml").write_text(
         "_target_: ptame.explainers.RandomExplainer\nseed: 0\n")
     cfg = compose_evaluate([])
-    with pytest.raises(ValueError, match="'loop' lists itself among its members: loop -> loop"):
-        build_explainer("loop", cfg, make_backbone(), conf_dir=tmp_path)
+    with hydra_search_path(tmp_path), pytest.raises(
+        ValueError, match="'loop' lists itself among its members: loop -> loop"
+    ):
+        build_explainer("loop", cfg, make_backbone())
 
 
-def test_bad_member_lists_fail_clearly():
+def test_bad_member_lists_fail_clearly(configs):
     backbone = make_backbone()
     for members, message in [("[]", "non-empty list"), ("[random,random]", "distinct"),
                              ("[random,nope]", "unknown explainer 'nope'")]:
-        cfg = compose_evaluate([f"+explainer_options.ensemble.members={members}"])
+        cfg = configs("evaluate", ["experiment=smoke", f"+explainer_options.ensemble.members={members}"])
         with pytest.raises(ValueError, match=message):
             build_explainer("ensemble", cfg, backbone)
 

@@ -13,8 +13,8 @@ from ptame.explainers import OptiCAMExplainer, RISEExplainer
 from ptame.explainers.opticam import combine_maps
 from ptame.metrics.cost import measure_cost
 
-from .conftest import make_backbone
-from .constructed_models import (
+from .helpers.networks import make_backbone
+from .helpers.constructed import (
     BLUE,
     RED,
     peak_in,

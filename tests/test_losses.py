@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from ptame.losses import PTAMELoss, area_loss, select_class_subset, variation_loss
 
-from .paths import CONF_DIR
+from .helpers.entry_points import CONF_DIR
 
 MAPS = torch.tensor([[[[0.0, 0.5], [1.0, 0.25]]]])  # (B=1, S=1, 2, 2)
 

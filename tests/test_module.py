@@ -5,10 +5,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from ptame.checkpoint import CheckpointMismatchError, read_checkpoint
 from ptame.explainers import load_explainer
-from ptame.lightning_module import PTAMEModule
+from ptame.module import PTAMEModule
 from ptame.losses import PTAMELoss
 
-from .conftest import make_auxiliary, make_backbone
+from .helpers.networks import make_auxiliary, make_backbone
 
 
 class RandomImages(Dataset):

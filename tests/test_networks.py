@@ -3,15 +3,15 @@ import torch
 import torchvision
 
 from ptame.networks import (
-    AUXILIARY_LAYER_PRESETS,
     Backbone,
     Normalize,
     torchvision_auxiliary,
     torchvision_backbone,
     weights_fingerprint,
 )
+from ptame.networks.architectures import AUXILIARY_LAYERS
 
-from .conftest import TinyClassifier, make_auxiliary, make_backbone
+from .helpers.networks import TinyClassifier, make_auxiliary, make_backbone
 
 
 def test_backbone_normalises_inside_and_returns_logits():
@@ -73,7 +73,7 @@ def test_fingerprint_identifies_weights():
 )
 def test_auxiliary_presets_give_the_papers_feature_maps(arch, size, channels, sizes):
     auxiliary = torchvision_auxiliary(arch)
-    assert auxiliary.layers == AUXILIARY_LAYER_PRESETS[arch]
+    assert auxiliary.layers == AUXILIARY_LAYERS[arch]
     features = auxiliary(torch.rand(1, 3, size, size))
     assert [f.shape[1] for f in features] == channels
     assert [f.shape[-1] for f in features] == sizes

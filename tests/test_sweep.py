@@ -43,7 +43,7 @@ from ptame.sweep.space import (
     parse_constraints,
 )
 
-from .paths import CONF_DIR, REPO_ROOT, run_entry_point
+from .helpers.entry_points import CONF_DIR, REPO_ROOT, run_entry_point
 
 METRICS = [
     MetricSpec("MoRF", "val/ROAD_MoRF_AUC", "minimize", 0.36),

@@ -20,7 +20,7 @@ from ptame.sweep.journal import Journal
 from ptame.sweep.space import FEASIBILITY_TOLERANCE
 from ptame.sweep.runner import MetricSpec, TrialSpec, TrialTask, process_alive
 
-from .paths import CONF_DIR, REPO_ROOT, run_entry_point
+from .helpers.entry_points import CONF_DIR, REPO_ROOT, run_entry_point
 
 # the smoke experiment made tinier still: 256 training images (8 steps), ROAD at 3 percentages
 # on 16 validation images, small generated classifiers trained for one epoch
@@ -36,8 +36,8 @@ TINY = [
     "callbacks=faithfulness",
     "callbacks.faithfulness.max_images=16",
     "callbacks.faithfulness.batch_size=16",
-    "callbacks.faithfulness.metrics.road.percentages=[20,50,80]",
-    "callbacks.faithfulness.metrics.adic.thresholds=[100]",
+    "metrics.road.percentages=[20,50,80]",
+    "metrics.adic.thresholds=[100]",
     "final_evaluation.max_images=16",
     "final_evaluation.overlay_images=0",
 ]

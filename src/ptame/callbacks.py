@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from ptame.evaluation import write_json_atomic
+from ptame.io import write_json_atomic
 from ptame.metrics.localisation import check_pointing_tolerance
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,9 @@ class FaithfulnessEvaluation(L.Callback):
         every_n_epochs: run after every n-th validation epoch.
         max_images: validation images used (None: all).
         batch_size: images per batch.
-        metrics: metric settings, see :func:`ptame.evaluation.build_metrics` (localisation is
-            added when the data has masks).
+        metrics: metric settings, see :func:`ptame.evaluation.suite.build_metrics` (localisation
+            is added when the data has masks); None: AD/IC and ROAD with their metrics' own
+            defaults. The configs pass the ``metrics`` group's settings.
     """
 
     def __init__(
@@ -85,10 +86,7 @@ class FaithfulnessEvaluation(L.Callback):
         self.every_n_epochs = int(every_n_epochs)
         self.max_images = max_images
         self.batch_size = int(batch_size)
-        self.metrics = dict(metrics) if metrics is not None else {
-            "adic": {"thresholds": [100, 50, 15]},
-            "road": {"percentages": [10, 20, 30, 40, 50, 70, 90]},
-        }
+        self.metrics = dict(metrics) if metrics is not None else {"adic": {}, "road": {}}
         # refused now rather than after the first training epoch
         check_pointing_tolerance(self.metrics.get("pointing_tolerance") or 0.0)
         self.last_results: dict[str, float] = {}
@@ -109,16 +107,15 @@ class FaithfulnessEvaluation(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        from ptame.evaluation import build_metrics, compute_metrics, update_metrics
+        from ptame.evaluation.suite import build_metrics, evaluate_explainers
 
         has_masks = bool(getattr(trainer.datamodule, "has_masks", False))
-        explainer = pl_module.explainer()
         backbone = pl_module.ptame.backbone
         suite = {k: m.to(pl_module.device) for k, m in build_metrics(backbone, self.metrics, has_masks).items()}
-        for batch in self._loader(trainer):
-            images = batch["image"].to(pl_module.device)
-            update_metrics(suite, images, explainer(images), batch)
-        figures, _ = compute_metrics(suite)
+        results = evaluate_explainers({"ptame": pl_module.explainer()}, {"ptame": suite},
+                                      self._loader(trainer), pl_module.device,
+                                      description="faithfulness")
+        figures = results["ptame"]
         self.last_results = figures
         for key, value in figures.items():
             if "@" in key and key.startswith("ROAD_"):

@@ -1,32 +1,67 @@
 """P-TAME checkpoints: only the trainable head plus what is needed to rebuild and check it.
 
-A checkpoint (Lightning's ``.ckpt`` written by :class:`ptame.lightning_module.PTAMEModule`) is a
-plain dict of tensors and primitives, loadable with ``torch.load(weights_only=True)``:
+A checkpoint (Lightning's ``.ckpt`` written by :class:`ptame.module.PTAMEModule`) is a plain dict
+of tensors and primitives, loadable with ``torch.load(weights_only=True)``:
 
 - ``state_dict``: the attention mechanism's weights (``ptame.attention.*``) only; the frozen
   backbone and auxiliary weights are never stored.
-- ``ptame``: :meth:`ptame.model.PTAME.metadata`: backbone and auxiliary identity (name, weight
+- ``ptame``: :func:`checkpoint_metadata`: the format version, then
+  :meth:`ptame.model.PTAME.metadata`: backbone and auxiliary identity (name, weight
   fingerprint, rebuild recipe), auxiliary layers, number of classes, input size, feature channels
   and sizes, explanation map size.
 - Lightning's own entries (optimizer, scheduler, loop state) so that training can resume.
+
+Recipes are Hydra ``_target_`` dicts. Those written before ptame's modules were re-laid out name
+functions that have moved; :data:`LEGACY_TARGETS` maps them to their current home, so every
+checkpoint ever written keeps loading.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import Tensor, nn
 
-from ptame.model import CHECKPOINT_FORMAT_VERSION, PTAME
-from ptame.networks import safe_torch_load
+from ptame.io import safe_torch_load
+from ptame.model import PTAME
+from ptame.networks.frozen import AuxiliaryFeatureExtractor, Backbone
 
+CHECKPOINT_FORMAT_VERSION = 1
 FROZEN_PREFIXES = ("ptame.backbone.", "ptame.auxiliary.")
 ATTENTION_PREFIX = "ptame.attention."
+#: auxiliary names of T-TAME checkpoints (feature maps from the backbone's own layers)
+BACKBONE_FEATURES_PREFIX = "backbone-features:"
+
+#: ``_target_`` strings stored in recipes by earlier layouts -> where the function lives now.
+LEGACY_TARGETS: dict[str, str] = {
+    "ptame.generated_models.generated_backbone": "ptame.data.generated_classifiers.generated_backbone",
+    "ptame.generated_models.generated_auxiliary": "ptame.data.generated_classifiers.generated_auxiliary",
+    "ptame.explainers.target_layers.backbone_auxiliary": "ptame.networks.backbone_auxiliary",
+}
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not belong to the given backbone / auxiliary / configuration."""
+
+
+def plain_python(value: Any) -> Any:
+    """OmegaConf containers, tuples and nested dicts as plain dicts/lists (weights_only-safe)."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {key: plain_python(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_python(item) for item in value]
+    return value
+
+
+def checkpoint_metadata(model: PTAME) -> dict[str, Any]:
+    """The ``ptame`` entry of a checkpoint of ``model`` (plain Python values)."""
+    return plain_python({"format_version": CHECKPOINT_FORMAT_VERSION, **model.metadata()})
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -95,3 +130,71 @@ def attention_state(checkpoint: dict[str, Any]) -> dict[str, Tensor]:
 def strip_frozen_weights(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """Drop the frozen backbone and auxiliary weights from a module state dict."""
     return {k: v for k, v in state_dict.items() if not k.startswith(FROZEN_PREFIXES)}
+
+
+# --------------------------------------------------------------------------------------------
+# Rebuilding the frozen networks from the recipes stored in a checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+def current_recipe(recipe: Mapping[str, Any], cache_dir: str | Path | None = None) -> dict[str, Any]:
+    """A deep copy of a stored recipe with every ``_target_`` (nested ones too) mapped through
+    :data:`LEGACY_TARGETS` and, when ``cache_dir`` is given, every ``cache_dir`` replaced by it
+    (the generated-dataset classifiers' cache on this machine)."""
+
+    def convert(node: Any) -> Any:
+        if isinstance(node, Mapping):
+            converted = {key: convert(value) for key, value in node.items()}
+            if "_target_" in converted:
+                converted["_target_"] = LEGACY_TARGETS.get(converted["_target_"], converted["_target_"])
+            if cache_dir is not None and "cache_dir" in converted:
+                converted["cache_dir"] = str(cache_dir)
+            return converted
+        if isinstance(node, (list, tuple)):
+            return [convert(item) for item in node]
+        return copy.deepcopy(node)
+
+    return convert(recipe)
+
+
+def build_from_recipe(recipe: Mapping[str, Any], cache_dir: str | Path | None = None) -> nn.Module:
+    """Instantiate a stored network recipe (see :func:`current_recipe`)."""
+    from hydra.utils import instantiate
+
+    return instantiate(current_recipe(recipe, cache_dir))
+
+
+def _stored_recipe(saved: Mapping[str, Any], role: str, path: str | Path) -> Mapping[str, Any]:
+    recipe = (saved.get(role) or {}).get("config")
+    if not recipe:
+        raise ValueError(
+            f"{path} stores no {role} recipe (its {role} was built in Python); pass the {role} "
+            "explicitly"
+        )
+    return recipe
+
+
+def is_backbone_features_checkpoint(saved: Mapping[str, Any]) -> bool:
+    """Whether the checkpoint metadata ``saved`` is of a T-TAME run (auxiliary = the backbone's
+    own layers)."""
+    return str(saved["auxiliary"].get("name", "")).startswith(BACKBONE_FEATURES_PREFIX)
+
+
+def rebuild_backbone(
+    saved: Mapping[str, Any], path: str | Path, cache_dir: str | Path | None = None
+) -> Backbone:
+    """The backbone of checkpoint metadata ``saved`` (of the file ``path``), from its recipe."""
+    return build_from_recipe(_stored_recipe(saved, "backbone", path), cache_dir)
+
+
+def rebuild_auxiliary(
+    saved: Mapping[str, Any], path: str | Path, backbone: Backbone,
+    cache_dir: str | Path | None = None,
+) -> AuxiliaryFeatureExtractor:
+    """The auxiliary of checkpoint metadata ``saved``: in T-TAME mode over ``backbone``'s own
+    layers (sharing its parameters), otherwise rebuilt from its recipe."""
+    if is_backbone_features_checkpoint(saved):
+        from ptame.networks.backbone_features import backbone_auxiliary
+
+        return backbone_auxiliary(backbone, saved["auxiliary"].get("layers"))
+    return build_from_recipe(_stored_recipe(saved, "auxiliary", path), cache_dir)

@@ -6,14 +6,13 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ptame.attention import AttentionMechanism
-from ptame.networks import AuxiliaryFeatureExtractor, Backbone
+from ptame.maps import minmax_maps, upsample_maps
+from ptame.networks.frozen import AuxiliaryFeatureExtractor, Backbone
 
 MapNormalisation = Literal["sigmoid", "minmax"]
-CHECKPOINT_FORMAT_VERSION = 1
 
 
 def normalise_scores(scores: Tensor, mode: MapNormalisation) -> Tensor:
@@ -25,20 +24,8 @@ def normalise_scores(scores: Tensor, mode: MapNormalisation) -> Tensor:
     if mode == "sigmoid":
         return torch.sigmoid(scores)
     if mode == "minmax":
-        flat = scores.flatten(-2)
-        low = flat.amin(dim=-1, keepdim=True)
-        span = (flat.amax(dim=-1, keepdim=True) - low).clamp_min(torch.finfo(flat.dtype).tiny)
-        return ((flat - low) / span).view_as(scores)
+        return minmax_maps(scores)
     raise ValueError(f"unknown map normalisation {mode!r}; use 'sigmoid' or 'minmax'")
-
-
-def upsample_maps(maps: Tensor, size: Sequence[int]) -> Tensor:
-    """Bilinear upsampling of (B, h, w) maps to (B, H, W); values stay in the input range."""
-    if tuple(maps.shape[-2:]) == tuple(size):
-        return maps
-    return F.interpolate(
-        maps.unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False
-    ).squeeze(1)
 
 
 def mask_images(images: Tensor, maps: Tensor) -> Tensor:
@@ -126,9 +113,9 @@ class PTAME(nn.Module):
         return self.class_maps(images)
 
     def metadata(self) -> dict[str, Any]:
-        """What a checkpoint needs to rebuild this model and check its frozen networks."""
+        """What a checkpoint needs to rebuild this model and check its frozen networks (see
+        :mod:`ptame.checkpoint`)."""
         return {
-            "format_version": CHECKPOINT_FORMAT_VERSION,
             "backbone": {**self.backbone.identity(), "config": self.backbone.config},
             "auxiliary": {**self.auxiliary.identity(), "config": self.auxiliary.config},
             "num_classes": self.num_classes,

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+
+from ptame.io import torch_save_atomic
 
 log = logging.getLogger(__name__)
 
@@ -467,19 +468,6 @@ def cache_path(spec: GeneratedShapesSpec, cache_dir: str | os.PathLike[str]) -> 
     return Path(cache_dir).expanduser() / "generated" / f"shapes-{spec.cache_key()}.pt"
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in ``path``'s folder, then ``os.replace`` it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _to_payload(splits: GeneratedSplits) -> dict[str, Any]:
     payload: dict[str, Any] = {"generator_version": GENERATOR_VERSION,
                                "spec": splits.spec.to_dict()}
@@ -544,7 +532,7 @@ def _load_or_generate_unlocked(spec: GeneratedShapesSpec, path: Path) -> Generat
             )
     log.info("generating dataset %s into %s", spec, path)
     splits = generate(spec)
-    atomic_torch_save(_to_payload(splits), path)
+    torch_save_atomic(_to_payload(splits), path)
     return splits
 
 

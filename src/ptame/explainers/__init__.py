@@ -23,6 +23,7 @@ _LAZY_EXPLAINERS: dict[str, str] = {
     "OptiCAMExplainer": "ptame.explainers.opticam",
     "RISEExplainer": "ptame.explainers.rise",
     "RandomExplainer": "ptame.explainers.baselines",
+    "SobelEdgeExplainer": "ptame.explainers.baselines",
     "load_ttame_explainer": "ptame.explainers.ttame",
 }
 
@@ -37,6 +38,7 @@ __all__ = [
     "PTAMEExplainer",
     "RISEExplainer",
     "RandomExplainer",
+    "SobelEdgeExplainer",
     "load_explainer",
     "load_ttame_explainer",
 ]

@@ -9,23 +9,15 @@ the supplementary and what is inferred is listed in :class:`AISEExplainer`.
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from ptame.explainers.base import Explainer
-from ptame.networks import Backbone
+from ptame.explainers.base import Explainer, image_content_seed
+from ptame.networks.frozen import Backbone
 
 PARADIGMS = ("preserve", "delete", "both")
-
-
-def image_seed(image: Tensor, seed: int) -> int:
-    """A seed from ``seed`` and a checksum of the image's 8-bit content, so that an image gets
-    the same random draws however the data is batched or split across processes."""
-    quantised = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-    return (int(seed) * 1_000_003 + zlib.crc32(quantised.numpy().tobytes())) % (2**63 - 1)
 
 
 def pixel_centres(size: int, device: torch.device | str = "cpu") -> Tensor:
@@ -242,7 +234,7 @@ class AISEExplainer(Explainer):
         rounds, kernels = max(self.samples_per_kernel), len(self.sigmas)
         points, coins = [], []
         for image in images:
-            generator = torch.Generator().manual_seed(image_seed(image, self.seed))
+            generator = torch.Generator().manual_seed(image_content_seed(image, self.seed))
             points.append(torch.rand((rounds, kernels, self.candidates, 2), generator=generator))
             coins.append(torch.rand((rounds, kernels), generator=generator))
         explore = torch.stack(coins) < self.explore_probability

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 from torch import Tensor, nn
 
-from ptame.networks import Backbone, check_images
+from ptame.networks.frozen import Backbone, check_images
+
+
+def image_content_seed(image: Tensor, seed: int) -> int:
+    """A seed from ``seed`` and a checksum of the image's 8-bit content (3, H, W), so that an
+    image gets the same random draws however the data is batched or split across processes."""
+    quantised = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    return (int(seed) * 1_000_003 + zlib.crc32(quantised.numpy().tobytes())) % (2**63 - 1)
 
 
 class Explainer(nn.Module):
@@ -60,3 +69,21 @@ class Explainer(nn.Module):
     def explain(self, images: Tensor, targets: Tensor | None) -> Tensor:
         """Maps (B, H, W) in [0, 1] for resolved targets (None only without a backbone)."""
         raise NotImplementedError
+
+
+def batched_maps(
+    explainer: Explainer, images: Tensor, targets: Tensor, raw: bool = False, batch_size: int = 32
+) -> Tensor:
+    """Float maps for ``targets`` (B,), ``batch_size`` images per explainer call, no gradient.
+
+    With ``raw`` and an explainer that exposes its maps before upsampling
+    (``low_resolution_maps``: P-TAME, T-TAME) they are (B, h, w) at the explanation's resolution;
+    otherwise (B, H, W) at the images' resolution.
+    """
+    low = getattr(explainer, "low_resolution_maps", None) if raw else None
+    pieces = []
+    with torch.no_grad():
+        for start in range(0, images.shape[0], batch_size):
+            chunk, wanted = images[start:start + batch_size], targets[start:start + batch_size]
+            pieces.append(low(chunk, wanted) if low is not None else explainer(chunk, wanted))
+    return torch.cat(pieces).float()

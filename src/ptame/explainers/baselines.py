@@ -1,14 +1,15 @@
-"""Reference maps that carry no information about the backbone: what a metric gives for nothing."""
+"""Reference maps that carry no information about the backbone: what a metric gives for nothing,
+and an edge detector that ignores the model (the MPRT negative control)."""
 
 from __future__ import annotations
 
-import zlib
-
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from ptame.explainers.base import Explainer
-from ptame.networks import Backbone
+from ptame.explainers.base import Explainer, image_content_seed
+from ptame.maps import minmax_maps, to_grey
+from ptame.networks.frozen import Backbone
 
 
 class RandomExplainer(Explainer):
@@ -29,14 +30,10 @@ class RandomExplainer(Explainer):
         super().__init__(backbone)
         self.seed = int(seed)
 
-    def _image_seed(self, image: Tensor) -> int:
-        quantised = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-        return (self.seed * 1_000_003 + zlib.crc32(quantised.numpy().tobytes())) % (2**63 - 1)
-
     def explain(self, images: Tensor, targets: Tensor | None) -> Tensor:
         _, _, height, width = images.shape
         maps = [
-            torch.rand((height, width), generator=torch.Generator().manual_seed(self._image_seed(image)))
+            torch.rand((height, width), generator=torch.Generator().manual_seed(image_content_seed(image, self.seed)))
             for image in images
         ]
         return torch.stack(maps).to(images.device)
@@ -65,3 +62,22 @@ class CentreGaussianExplainer(Explainer):
         sigma = self.sigma * min(height, width)
         gaussian = torch.exp(-(ys[:, None] ** 2 + xs[None, :] ** 2) / (2 * sigma**2))
         return gaussian.expand(batch, height, width).clone()
+
+
+class SobelEdgeExplainer(Explainer):
+    """A control that ignores the model: the Sobel gradient magnitude of the grey image,
+    min-max normalised per image. Adebayo et al. show that such edge maps resemble some
+    saliency maps; it must fail MPRT (its maps do not change when the model is randomised).
+
+    Args:
+        backbone: optional; only used to resolve targets (which the map ignores).
+    """
+
+    name = "sobel"
+
+    def explain(self, images: Tensor, targets: Tensor | None) -> Tensor:
+        grey = to_grey(images).unsqueeze(1)
+        kernel_x = images.new_tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+        kernels = torch.stack([kernel_x, kernel_x.t()]).unsqueeze(1)
+        gradients = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), kernels)
+        return minmax_maps(gradients.pow(2).sum(1).sqrt())

@@ -31,16 +31,10 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
 from ptame.explainers.base import Explainer
-from ptame.explainers.target_layers import (
-    TargetLayerMixin,
-    default_cam_layer,
-    is_token_layer,
-    named_network,
-    normalise_maps,
-    resolve_layer,
-    tokens_to_grid,
-)
-from ptame.networks import Backbone
+from ptame.maps import finite_minmax_maps
+from ptame.networks.architectures import default_cam_layer
+from ptame.networks.backbone_features import is_token_layer, resolve_layer, tokens_to_grid
+from ptame.networks.frozen import Backbone, named_network
 
 CAMMethod = Literal["gradcam", "gradcampp", "scorecam", "ablationcam"]
 CAM_METHODS: dict[str, type[BaseCAM]] = {
@@ -81,6 +75,25 @@ def _silent_library_progress(enabled: bool) -> Iterator[None]:
             module.tqdm = original
 
 
+class TargetLayerMixin:
+    """For explainers that read one layer of ``self.backbone.model`` named ``target_layer``
+    and record that layer's map grid in ``_grid`` (h, w) when they explain."""
+
+    backbone: Backbone
+    target_layer: str
+    _grid: tuple[int, int] | None
+
+    @property
+    def _layer(self) -> nn.Module:
+        """The target layer inside the backbone's network."""
+        return self.backbone.model.get_submodule(self.target_layer)
+
+    @property
+    def resolution(self) -> int | None:
+        """R = h * w of the target layer's maps (None before the first explanation)."""
+        return None if self._grid is None else self._grid[0] * self._grid[1]
+
+
 class CAMExplainer(TargetLayerMixin, Explainer):
     """Class activation maps of one backbone layer, computed by pytorch-grad-cam.
 
@@ -88,7 +101,7 @@ class CAMExplainer(TargetLayerMixin, Explainer):
         backbone: the frozen classifier (its network must have named layers).
         method: ``"gradcam"``, ``"gradcampp"``, ``"scorecam"`` or ``"ablationcam"``.
         target_layer: a ``backbone.model.named_modules()`` name; None uses the preset of
-            :func:`~ptame.explainers.target_layers.default_cam_layer`. Token layers (B, N, C)
+            :func:`~ptame.networks.architectures.default_cam_layer`. Token layers (B, N, C)
             are arranged on their square patch grid (class token dropped).
         batch_size: Grad-CAM / Grad-CAM++: images per call; Score-CAM / Ablation-CAM: masked
             (ablated) images per backbone forward. Score-CAM also holds K masked copies of one
@@ -176,4 +189,4 @@ class CAMExplainer(TargetLayerMixin, Explainer):
             part = None if targets is None else targets[start : start + chunk]
             pieces.append(self._run(images[start : start + chunk], part))
         maps = torch.cat(pieces).to(device=images.device)
-        return normalise_maps(maps)
+        return finite_minmax_maps(maps)

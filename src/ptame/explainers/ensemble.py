@@ -7,8 +7,8 @@ normalised on its own (Sec. 3.1, Eq. 1-4), then the K normalised maps are merged
 members at each pixel (Eq. 6-7). The aggregated map is finally min-max rescaled to [0, 1] per
 image, as the paper does for display ("linearly normalised to the full colour range").
 
-The pure functions :func:`normalise_maps`, :func:`aggregate_maps` and :func:`rescale_unit` work
-on plain tensors; :class:`EnsembleExplainer` puts them behind the explainer interface.
+The pure functions :func:`normalise_member_maps` and :func:`aggregate_maps` work on plain
+tensors; :class:`EnsembleExplainer` puts them behind the explainer interface.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from ptame.explainers.base import Explainer
-from ptame.networks import Backbone
+from ptame.maps import minmax_maps
+from ptame.networks.frozen import Backbone
 
 NORMALISATIONS = ("none", "minmax", "zscore", "l1", "l2")
 AGGREGATIONS = ("mean", "percentile", "ucb", "pi", "ei", "ci", "api", "aei", "var")
@@ -49,7 +50,7 @@ def _check_stack(maps: Tensor) -> None:
         raise ValueError("an ensemble needs at least one member map")
 
 
-def normalise_maps(maps: Tensor, method: str) -> Tensor:
+def normalise_member_maps(maps: Tensor, method: str) -> Tensor:
     """Normalise every member map over its own pixels (Eq. 1-4).
 
     Args:
@@ -66,11 +67,10 @@ def normalise_maps(maps: Tensor, method: str) -> Tensor:
     method = _canonical(method, NORMALISATIONS, "normalisation")
     if method == "none":
         return maps
-    flat = maps.flatten(2)
     if method == "minmax":
-        low = flat.amin(dim=2, keepdim=True)
-        shifted, scale = flat - low, flat.amax(dim=2, keepdim=True) - low
-    elif method == "zscore":
+        return minmax_maps(maps)
+    flat = maps.flatten(2)
+    if method == "zscore":
         shifted = flat - flat.mean(dim=2, keepdim=True)
         scale = flat.std(dim=2, unbiased=False, keepdim=True)
     else:
@@ -208,23 +208,13 @@ def aggregate_maps(
     return mu / (eps * sigma + float(delta))
 
 
-def rescale_unit(maps: Tensor) -> Tensor:
-    """Min-max rescale each (H, W) map of a (B, H, W) batch to [0, 1]; a constant map
-    (no ranking information) becomes all zeros."""
-    flat = maps.flatten(1)
-    low = flat.amin(dim=1, keepdim=True)
-    span = flat.amax(dim=1, keepdim=True) - low
-    safe = torch.where(span > 0, span, torch.ones_like(span))
-    return torch.where(span > 0, (flat - low) / safe, torch.zeros_like(flat)).view_as(maps)
-
-
 class EnsembleExplainer(Explainer):
     """Aggregate the maps of several explainers pixel by pixel (Mahlau & Nolde 2022).
 
     The targets are resolved once (the backbone's predictions when none are given) and every
     member explains those same classes. Member maps are normalised per map
-    (:func:`normalise_maps`), merged (:func:`aggregate_maps`) and min-max rescaled to [0, 1]
-    per image (:func:`rescale_unit`; a constant result becomes all zeros). The paper's
+    (:func:`normalise_member_maps`), merged (:func:`aggregate_maps`) and min-max rescaled to [0, 1]
+    per image (:func:`~ptame.maps.minmax_maps`; a constant result becomes all zeros). The paper's
     recommendation, z-score + UCB with eps = -0.5, is the default.
 
     Args:
@@ -292,5 +282,5 @@ class EnsembleExplainer(Explainer):
         return torch.stack([member(images, targets).to(images.dtype) for member in self.members])
 
     def explain(self, images: Tensor, targets: Tensor | None) -> Tensor:
-        maps = normalise_maps(self.member_maps(images, targets), self.normalisation)
-        return rescale_unit(aggregate_maps(maps, self.aggregation, **self.options))
+        maps = normalise_member_maps(self.member_maps(images, targets), self.normalisation)
+        return minmax_maps(aggregate_maps(maps, self.aggregation, **self.options))

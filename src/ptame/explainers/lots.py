@@ -12,10 +12,10 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 
 from ptame.explainers.base import Explainer
-from ptame.networks import Backbone, safe_torch_load
+from ptame.io import safe_torch_load
+from ptame.maps import minmax_maps, to_grey
+from ptame.networks.frozen import Backbone
 
-#: ITU-R BT.601 luma weights of an RGB -> grey conversion (OpenCV, PIL).
-GREY_WEIGHTS = (0.299, 0.587, 0.114)
 #: The thesis' Gaussian filter: 49 x 49 px on 224 px ImageNet images.
 REFERENCE_BLUR_FRACTION = 49 / 224
 TARGETS = ("zero", "class")
@@ -26,22 +26,6 @@ def opencv_sigma(kernel_size: int) -> float:
     """The standard deviation OpenCV (and torchvision) derive from a kernel size when none is
     given: 0.3 ((k - 1) / 2 - 1) + 0.8 (7.7 px for the thesis' 49 px filter)."""
     return 0.3 * ((kernel_size - 1) * 0.5 - 1) + 0.8
-
-
-def minmax_maps(maps: Tensor) -> Tensor:
-    """Min-max normalise each (H, W) map of (B, H, W) to [0, 1] (thesis Eq. 4.1); a constant
-    map (nothing was perturbed) becomes all zeros."""
-    flat = maps.flatten(1)
-    low = flat.amin(dim=1, keepdim=True)
-    span = flat.amax(dim=1, keepdim=True) - low
-    safe = torch.where(span > 0, span, torch.ones_like(span))
-    return torch.where(span > 0, (flat - low) / safe, torch.zeros_like(flat)).view_as(maps)
-
-
-def to_grey(images: Tensor) -> Tensor:
-    """(B, 3, H, W) RGB -> (B, H, W) grey with the BT.601 luma weights."""
-    weights = torch.tensor(GREY_WEIGHTS, dtype=images.dtype, device=images.device)
-    return torch.einsum("bchw,c->bhw", images, weights)
 
 
 def lots_activation_map(

@@ -21,16 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ptame.explainers.base import Explainer
-from ptame.explainers.cam import gradient_enabled
-from ptame.explainers.target_layers import (
-    TargetLayerMixin,
-    default_cam_layer,
-    named_network,
-    normalise_maps,
-    resolve_layer,
-    tokens_to_grid,
-)
-from ptame.networks import Backbone
+from ptame.explainers.cam import TargetLayerMixin, gradient_enabled
+from ptame.maps import finite_minmax_maps
+from ptame.networks.architectures import default_cam_layer
+from ptame.networks.backbone_features import resolve_layer, tokens_to_grid
+from ptame.networks.frozen import Backbone, named_network
 
 Score = Literal["logit", "softmax"]
 
@@ -61,7 +56,7 @@ class OptiCAMExplainer(TargetLayerMixin, Explainer):
     Args:
         backbone: the frozen classifier (its network must have named layers).
         target_layer: a ``backbone.model.named_modules()`` name; None uses the CAM preset
-            (:func:`~ptame.explainers.target_layers.default_cam_layer`).
+            (:func:`~ptame.networks.architectures.default_cam_layer`).
         iterations: Adam steps per image (the paper: 50).
         lr: Adam learning rate (the paper: 0.1).
         score: objective, ``"logit"`` of the target class or its ``"softmax"`` probability.
@@ -166,4 +161,4 @@ class OptiCAMExplainer(TargetLayerMixin, Explainer):
             pieces.append(maps)
             histories.append(history)
         self.objective_history = torch.cat(histories, dim=1)
-        return normalise_maps(torch.cat(pieces).to(images.device))
+        return finite_minmax_maps(torch.cat(pieces).to(images.device))

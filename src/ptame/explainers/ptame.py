@@ -5,13 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from torch import Tensor
 
-from ptame.checkpoint import attention_state, read_checkpoint, verify_metadata
+from ptame.checkpoint import (
+    attention_state,
+    is_backbone_features_checkpoint,
+    read_checkpoint,
+    rebuild_auxiliary,
+    rebuild_backbone,
+    verify_metadata,
+)
 from ptame.explainers.base import Explainer
-from ptame.model import PTAME, MapNormalisation, normalise_scores, upsample_maps
-from ptame.networks import AuxiliaryFeatureExtractor, Backbone
+from ptame.maps import upsample_maps
+from ptame.model import PTAME, MapNormalisation, normalise_scores
+from ptame.networks.frozen import AuxiliaryFeatureExtractor, Backbone
 
 
 class PTAMEExplainer(Explainer):
@@ -61,35 +68,36 @@ class PTAMEExplainer(Explainer):
 
 def load_explainer(
     checkpoint_path: str | Path,
-    backbone: Backbone,
+    backbone: Backbone | None = None,
     auxiliary: AuxiliaryFeatureExtractor | None = None,
     map_normalisation: MapNormalisation = "sigmoid",
     strict_weights: bool = True,
     device: str | torch.device = "cpu",
+    cache_dir: str | Path | None = None,
 ) -> PTAMEExplainer:
-    """Rebuild a trained P-TAME explainer for ``backbone`` from a checkpoint.
+    """Rebuild a trained P-TAME (or T-TAME) explainer from a checkpoint.
 
     Args:
         checkpoint_path: a ``.ckpt`` written by P-TAME training.
-        backbone: the frozen classifier it was trained to explain.
-        auxiliary: the auxiliary feature extractor; None rebuilds it from the recipe stored in
-            the checkpoint.
+        backbone: the frozen classifier it was trained to explain; None rebuilds it from the
+            recipe stored in the checkpoint.
+        auxiliary: the auxiliary feature extractor; None rebuilds it from the stored recipe (in
+            T-TAME mode: over ``backbone``'s own layers).
         map_normalisation: see :class:`PTAMEExplainer`.
         strict_weights: refuse a backbone/auxiliary whose weights differ from training.
         device: where the explainer is placed.
+        cache_dir: replaces the ``cache_dir`` of the stored recipes (the generated-dataset
+            classifiers' cache on this machine).
 
     Raises:
         CheckpointMismatchError: the checkpoint was trained for another backbone or auxiliary.
     """
     checkpoint = read_checkpoint(checkpoint_path)
     saved = checkpoint["ptame"]
+    if backbone is None:
+        backbone = rebuild_backbone(saved, checkpoint_path, cache_dir)
     if auxiliary is None:
-        recipe = saved["auxiliary"].get("config")
-        if not recipe:
-            raise ValueError(
-                f"{checkpoint_path} has no auxiliary recipe; pass the auxiliary explicitly"
-            )
-        auxiliary = instantiate(recipe)
+        auxiliary = rebuild_auxiliary(saved, checkpoint_path, backbone, cache_dir)
     model = PTAME(
         backbone,
         auxiliary,
@@ -98,4 +106,7 @@ def load_explainer(
     )
     verify_metadata(saved, model, strict_weights=strict_weights)
     model.attention.load_state_dict(attention_state(checkpoint))
-    return PTAMEExplainer(model, map_normalisation).to(device).eval()
+    explainer = PTAMEExplainer(model, map_normalisation)
+    if is_backbone_features_checkpoint(saved):
+        explainer.name = "ttame"
+    return explainer.to(device).eval()

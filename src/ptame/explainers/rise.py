@@ -22,12 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ptame.explainers.base import Explainer
-from ptame.explainers.target_layers import backbone_architecture, normalise_maps
-from ptame.networks import Backbone
-
-#: N per backbone architecture, as in the paper's Table 1; other backbones get the first value.
-RISE_NUM_MASKS: dict[str, int] = {"vgg16": 4000, "resnet50": 8000, "vit_b_16": 8000}
-DEFAULT_NUM_MASKS = 4000
+from ptame.maps import finite_minmax_maps
+from ptame.networks.architectures import rise_masks
+from ptame.networks.frozen import Backbone
 
 
 class RISEExplainer(Explainer):
@@ -36,7 +33,7 @@ class RISEExplainer(Explainer):
     Args:
         backbone: the classifier (any :class:`~ptame.networks.Backbone`, a plain callable too).
         num_masks: N; None takes the paper's Table 1 value for the backbone's architecture
-            (:data:`RISE_NUM_MASKS`: 4000 VGG-16, 8000 ResNet-50 and ViT-B-16; 4000 otherwise).
+            (:data:`~ptame.networks.architectures.RISE_MASKS`: 4000 VGG-16, 8000 ResNet-50 and ViT-B-16; 4000 otherwise).
         grid_size: s, cells per side of the random grid.
         keep_probability: p in (0, 1), probability that a cell is kept.
         max_batch: most masked images per backbone forward (memory bound).
@@ -56,8 +53,7 @@ class RISEExplainer(Explainer):
     ) -> None:
         super().__init__(backbone)
         if num_masks is None:
-            arch = backbone_architecture(backbone) if isinstance(backbone, Backbone) else None
-            num_masks = RISE_NUM_MASKS.get(arch or "", DEFAULT_NUM_MASKS)
+            num_masks = rise_masks(backbone)
         for label, value in (("num_masks", num_masks), ("grid_size", grid_size),
                              ("max_batch", max_batch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -128,4 +124,4 @@ class RISEExplainer(Explainer):
 
     def explain(self, images: Tensor, targets: Tensor | None) -> Tensor:
         assert targets is not None  # RISE always has a backbone
-        return normalise_maps(self.saliency(images, targets))
+        return finite_minmax_maps(self.saliency(images, targets))

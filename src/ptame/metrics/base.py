@@ -9,6 +9,7 @@ and 1 or N processes give the same number on the same images.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -79,10 +80,27 @@ def check_batch(images: Tensor, maps: Tensor, indices: Tensor | None, who: str) 
     return indices
 
 
+def lookup_direction(directions: dict[str, str], key: str) -> str | None:
+    """``directions[key]``, or the direction of the longest ``"<prefix>@"`` entry that ``key``
+    starts with (``"AD@"`` covers ``"AD@15"``), or None."""
+    if key in directions:
+        return directions[key]
+    prefixes = [p for p in directions if p.endswith("@") and key.startswith(p)]
+    return directions[max(prefixes, key=len)] if prefixes else None
+
+
 class PerImageMetric(Metric):
     """Stores (index, per-image values) pairs; subclasses turn them into figures."""
 
     full_state_update = False
+    #: result key (or ``"<prefix>@"`` for a family of keys) -> ``"min"`` or ``"max"``: the
+    #: direction in which the figure is better (tables mark the best value with it).
+    directions: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def direction(cls, key: str) -> str | None:
+        """``"min"``, ``"max"`` or None for a result key of this metric (see :attr:`directions`)."""
+        return lookup_direction(cls.directions, key)
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)

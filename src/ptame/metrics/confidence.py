@@ -29,6 +29,7 @@ class AverageDropIncrease(PerImageMetric):
     """
 
     higher_is_better = None
+    directions = {"AD@": "min", "IC@": "max"}
 
     def __init__(
         self, backbone: BackboneFn, thresholds: Sequence[float] = (100, 50, 15), soft: bool = True, **kwargs

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +15,11 @@ from torch.utils.flop_counter import FlopCounterMode
 @dataclass
 class ExplainerCost:
     """Per-explanation cost of one explainer on one batch of images."""
+
+    #: fewer passes, FLOPs and milliseconds are better; a finer explanation (larger R) too
+    directions: ClassVar[dict[str, str]] = {
+        "forward_passes": "min", "gflops": "min", "ms_per_image": "min", "resolution": "max",
+    }
 
     forward_passes: float
     gflops: float

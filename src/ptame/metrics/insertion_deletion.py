@@ -45,6 +45,7 @@ class InsertionDeletion(PerImageMetric):
     """
 
     higher_is_better = None
+    directions = {"insertion_AUC": "max", "deletion_AUC": "min"}
 
     def __init__(
         self,

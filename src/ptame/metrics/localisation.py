@@ -132,6 +132,8 @@ class PointingGame(_LocalisationMetric):
             (TorchRay's convention; 0 = strict, the maximum must lie on the object).
     """
 
+    directions = {"pointing_game": "max", "pointing_game_strict": "max"}
+
     def __init__(self, tolerance: float = 0.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.tolerance = check_pointing_tolerance(tolerance)
@@ -142,6 +144,8 @@ class PointingGame(_LocalisationMetric):
 
 class EnergyPointingGame(_LocalisationMetric):
     """Mean share of map mass inside the object (see :func:`energy_shares`)."""
+
+    directions = {"energy_pointing_game": "max"}
 
     def score(self, maps: Tensor, masks: Tensor) -> Tensor:
         return energy_shares(maps, masks)

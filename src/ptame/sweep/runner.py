@@ -8,7 +8,7 @@ validation ROAD evaluation of the faithfulness callback; its objectives are read
   ``<trial dir>/trial.log``; a crash, a NaN loss or a hang (``timeout``) fails that trial only.
   On Linux the child is killed when its parent dies (``PR_SET_PDEATHSIG``), so killing the
   sweep leaves no orphaned trial writing into a directory that a resumed sweep re-uses.
-- ``inprocess``: :func:`ptame.training.run_training` inside the job's process (a joblib
+- ``inprocess``: :func:`ptame.pipelines.train.run_training` inside the job's process (a joblib
   worker, a SLURM job, or the sweep process itself); any exception fails the trial.
 
 The job appends ``running`` and then ``completed`` / ``failed`` to the journal itself, so a
@@ -367,7 +367,7 @@ class TrialTask:
     def _run_inprocess(self, cfg: Any, run_dir: Path) -> dict[str, Any]:
         from omegaconf import open_dict
 
-        from ptame.training import run_training
+        from ptame.pipelines.train import run_training
 
         if cfg is None:
             raise TrialFailed("inprocess trials need the job's composed config")

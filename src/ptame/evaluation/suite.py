@@ -1,0 +1,196 @@
+"""The metric suite and the one evaluation loop of ptame.
+
+Every evaluation (``evaluate.py``'s table, the localisation printed after training, the
+faithfulness callback after validation epochs) builds one suite of metrics per explainer with
+:func:`build_metrics` and feeds it batch by batch with :func:`evaluate_batch`: Lightning's test
+loop does so in :class:`ExplainerEvaluation` (1 or N processes), :func:`evaluate_explainers`
+everywhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from tqdm.auto import tqdm
+
+from ptame.explainers.base import Explainer
+from ptame.metrics import (
+    ROAD,
+    AverageDropIncrease,
+    EnergyPointingGame,
+    InsertionDeletion,
+    PointingGame,
+    measure_cost,
+)
+from ptame.networks.frozen import Backbone
+
+# Metrics that compare maps with ground-truth object masks.
+LOCALISATION_METRICS = ("pointing_game", "energy_pointing_game", "pointing_game_strict")
+
+
+def build_metrics(
+    backbone: Backbone, settings: Mapping[str, Any], has_masks: bool, **metric_kwargs: Any
+) -> dict[str, Metric]:
+    """The metric suite for one explainer.
+
+    Args:
+        backbone: the frozen classifier the metrics query.
+        settings: the ``metrics`` config: ``{"adic": {...} | None, "road": {...} | None,
+            "insertion_deletion": {...} | None, "localisation": bool, "pointing_tolerance":
+            pixels}``: keyword arguments of :class:`AverageDropIncrease`, :class:`ROAD`,
+            :class:`InsertionDeletion`; None (or absent) disables a metric.
+        has_masks: whether ground-truth masks exist (localisation metrics need them).
+        metric_kwargs: passed to every metric (e.g. ``sync_on_compute=False``).
+    """
+    metrics: dict[str, Metric] = {}
+    if settings.get("adic") is not None:
+        metrics["adic"] = AverageDropIncrease(backbone, **dict(settings["adic"]), **metric_kwargs)
+    if settings.get("road") is not None:
+        metrics["road"] = ROAD(backbone, **dict(settings["road"]), **metric_kwargs)
+    if settings.get("insertion_deletion") is not None:
+        metrics["insertion_deletion"] = InsertionDeletion(
+            backbone, **dict(settings["insertion_deletion"]), **metric_kwargs
+        )
+    if has_masks and settings.get("localisation", True):
+        tolerance = float(settings.get("pointing_tolerance") or 0.0)
+        metrics.update(localisation_metrics(tolerance, **metric_kwargs))
+    return metrics
+
+
+def localisation_metrics(pointing_tolerance: float, **metric_kwargs: Any) -> dict[str, Metric]:
+    """``pointing_game`` (with ``pointing_tolerance`` pixels, TorchRay's convention),
+    ``energy_pointing_game``, and ``pointing_game_strict`` (zero tolerance) when the tolerance is
+    positive; ``metric_kwargs`` go to every metric (e.g. ``sync_on_compute=False``)."""
+    metrics: dict[str, Metric] = {
+        "pointing_game": PointingGame(tolerance=pointing_tolerance, **metric_kwargs),
+        "energy_pointing_game": EnergyPointingGame(**metric_kwargs),
+    }
+    if pointing_tolerance > 0:
+        metrics["pointing_game_strict"] = PointingGame(tolerance=0.0, **metric_kwargs)
+    return metrics
+
+
+def update_metrics(metrics: Mapping[str, Metric], images: Tensor, maps: Tensor, batch: Mapping[str, Tensor]) -> None:
+    """Feed one batch of maps (B, H, W) for ``images`` (B, 3, H, W) into every metric."""
+    indices = batch["index"].to(images.device)
+    for name, metric in metrics.items():
+        if name in LOCALISATION_METRICS:
+            metric.update(maps, batch["mask"].to(images.device), indices)
+        else:
+            metric.update(images, maps, indices)
+
+
+def evaluate_batch(
+    explainers: Mapping[str, Explainer],
+    suites: Mapping[str, Mapping[str, Metric]],
+    batch: Mapping[str, Tensor],
+    device: torch.device | str | None = None,
+) -> None:
+    """Explain one batch with every explainer (the backbone's predictions) and feed each map
+    stack into that explainer's suite. ``batch`` holds ``image`` (B, 3, H, W) in [0, 1],
+    ``index`` (B,) and, for localisation, ``mask`` (B, H, W); it is moved to ``device`` (None:
+    where the images are)."""
+    images = batch["image"] if device is None else batch["image"].to(device)
+    for name, explainer in explainers.items():
+        update_metrics(suites[name], images, explainer(images), batch)
+
+
+def compute_metrics(metrics: Mapping[str, Metric]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """(flat figures, ROAD curves) of a metric suite (synchronised across processes)."""
+    figures: dict[str, float] = {}
+    curves: dict[str, list[float]] = {}
+    for name, metric in metrics.items():
+        value = metric.compute()
+        if isinstance(value, dict):
+            figures.update({key: float(v) for key, v in value.items()})
+        else:
+            figures[name] = float(value)
+        if isinstance(metric, ROAD):
+            curves = {key: [float(v) for v in values] for key, values in metric.curves().items()}
+            curves["percentages"] = list(metric.percentages)
+    return figures, curves
+
+
+def _first_images(batch: Mapping[str, Any], count: int) -> dict[str, Any]:
+    return {key: value[:count] for key, value in batch.items()}
+
+
+@torch.no_grad()
+def evaluate_explainers(
+    explainers: Mapping[str, Explainer],
+    suites: Mapping[str, Mapping[str, Metric]],
+    batches: Iterable[Mapping[str, Tensor]],
+    device: torch.device | str,
+    max_images: int | None = None,
+    description: str = "evaluation",
+) -> dict[str, dict[str, float]]:
+    """Run every explainer over ``batches`` (at most ``max_images`` images) into its suite and
+    return ``{name: figures}`` (:func:`compute_metrics`).
+
+    Args:
+        explainers: name -> explainer; each explains the backbone's prediction.
+        suites: name -> metrics (:func:`build_metrics`), already on ``device``.
+        batches: dict batches (see :func:`evaluate_batch`).
+        device: where explainers and metrics run.
+        max_images: stop after this many images (None: all).
+        description: the progress bar's label.
+    """
+    seen = 0
+    for batch in tqdm(batches, desc=description, leave=False):
+        if max_images is not None:
+            batch = _first_images(batch, max_images - seen)
+        evaluate_batch(explainers, suites, batch, device)
+        seen += batch["image"].shape[0]
+        if max_images is not None and seen >= max_images:
+            break
+    return {name: compute_metrics(suite)[0] for name, suite in suites.items()}
+
+
+class ExplainerEvaluation(L.LightningModule):
+    """Runs the metric suite for several explainers over a test dataloader with Lightning, so
+    evaluation uses one GPU or many (DDP); duplicates padded by the distributed sampler are
+    counted once (metrics keep one value per dataset index).
+
+    After ``trainer.test``, :attr:`results` holds ``{method: {metric: value}}`` and
+    :attr:`curves` the ROAD curves per method (identical on every process).
+    """
+
+    def __init__(
+        self,
+        explainers: Mapping[str, Explainer],
+        backbone: Backbone,
+        settings: Mapping[str, Any],
+        has_masks: bool,
+    ) -> None:
+        super().__init__()
+        self.explainers = torch.nn.ModuleDict(dict(explainers))
+        self.__dict__["backbone"] = backbone
+        self.metric_suites = torch.nn.ModuleDict(
+            {name: torch.nn.ModuleDict(build_metrics(backbone, settings, has_masks)) for name in explainers}
+        )
+        self.results: dict[str, dict[str, float]] = {}
+        self.curves: dict[str, dict[str, list[float]]] = {}
+
+    def on_test_start(self) -> None:
+        self.backbone.to(self.device)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        evaluate_batch(self.explainers, self.metric_suites, batch)
+
+    def on_test_epoch_end(self) -> None:
+        for name, suite in self.metric_suites.items():
+            figures, curves = compute_metrics(suite)
+            self.results[name] = figures
+            self.curves[name] = curves
+
+
+def evaluate_costs(
+    explainers: Mapping[str, Explainer], images: Tensor, repeats: int = 3
+) -> dict[str, dict[str, float]]:
+    """Measured forward passes, GFLOPs, ms/image and resolution per explainer on ``images``."""
+    return {name: measure_cost(explainer, images, repeats).as_dict() for name, explainer in explainers.items()}

@@ -1,0 +1,74 @@
+"""Imputers of ROAD: how removed pixels are filled in.
+
+Each imputer maps ``(images (B, C, H, W) in [0, 1], keep (B, H, W) bool, False = removed)`` to
+imputed images of the same shape, on the images' device. Noisy linear imputation (the ROAD
+paper's) is solved exactly in :mod:`ptame.metrics.imputation.noisy_linear`; the metric adds its
+per-image seeded noise itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ptame.metrics.imputation.noisy_linear import (
+    ATOL,
+    MAX_ITERATIONS,
+    ImputationNotConvergedError,
+    noisy_linear_imputation,
+)
+
+__all__ = [
+    "ATOL",
+    "IMPUTERS",
+    "MAX_ITERATIONS",
+    "ImputationNotConvergedError",
+    "mean_imputation",
+    "noisy_linear_exact",
+    "noisy_linear_imputation",
+    "telea_imputation",
+    "zero_imputation",
+]
+
+
+def zero_imputation(images: Tensor, keep: Tensor) -> Tensor:
+    """Removed pixels become 0 (black)."""
+    return images * keep.unsqueeze(1).to(images.dtype)
+
+
+def mean_imputation(images: Tensor, keep: Tensor) -> Tensor:
+    """Removed pixels take the per-image, per-channel mean of the kept pixels (0 if none kept)."""
+    weights = keep.unsqueeze(1).to(images.dtype)
+    count = weights.sum(dim=(2, 3), keepdim=True)
+    mean = (images * weights).sum(dim=(2, 3), keepdim=True) / count.clamp_min(1)
+    return torch.where(keep.unsqueeze(1), images, mean.expand_as(images))
+
+
+def telea_imputation(images: Tensor, keep: Tensor, radius: int = 3) -> Tensor:
+    """OpenCV Telea inpainting (the release's default), per image on the CPU, 8-bit."""
+    import cv2
+    import numpy as np
+
+    results = []
+    for image, kept in zip(images, keep, strict=True):
+        pixels = (image.detach().permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        holes = (~kept).cpu().numpy().astype(np.uint8)
+        filled = cv2.inpaint(np.ascontiguousarray(pixels), holes, radius, cv2.INPAINT_TELEA)
+        filled_tensor = torch.from_numpy(filled).permute(2, 0, 1).to(images.dtype) / 255
+        results.append(torch.where(kept.cpu().unsqueeze(0), image.cpu(), filled_tensor))
+    return torch.stack(results).to(images.device)
+
+
+def noisy_linear_exact(images: Tensor, keep: Tensor) -> Tensor:
+    """Noisy linear imputation without its noise (the metric adds per-image seeded noise)."""
+    return noisy_linear_imputation(images, keep, noise_std=0.0)
+
+
+IMPUTERS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "noisy_linear": noisy_linear_exact,
+    "telea": telea_imputation,
+    "mean": mean_imputation,
+    "zero": zero_imputation,
+}

@@ -1,0 +1,64 @@
+"""What the pipelines behind ``train.py``, ``evaluate.py`` and the sweep share: torch settings,
+the frozen networks built from a config, and config-group options read through Hydra's own
+search path (so configs are found wherever the application's ``conf/`` lives)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ptame.networks.frozen import AuxiliaryFeatureExtractor, Backbone
+
+
+def configure_torch(cfg: DictConfig) -> None:
+    """Threads and float32 matmul precision from the config (``threads: null`` keeps torch's)."""
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
+
+
+def build_networks(cfg: DictConfig) -> tuple[Backbone, AuxiliaryFeatureExtractor]:
+    """The frozen backbone and auxiliary of ``cfg.backbone`` / ``cfg.auxiliary``; in T-TAME mode
+    (``auxiliary=from_backbone``, a config with a ``backbone`` key) the auxiliary reads the
+    features of this very backbone instance."""
+    backbone = instantiate(cfg.backbone)
+    if "backbone" in cfg.auxiliary:
+        auxiliary = instantiate(cfg.auxiliary, backbone=backbone)
+    else:
+        auxiliary = instantiate(cfg.auxiliary)
+    return backbone, auxiliary
+
+
+def _initialised_hydra() -> Any:
+    from hydra.core.global_hydra import GlobalHydra
+
+    hydra = GlobalHydra.instance()
+    if not hydra.is_initialized():
+        raise RuntimeError(
+            "config groups are read through Hydra's search path: run through an entry point "
+            "(evaluate.py) or inside hydra.initialize_config_dir(...)"
+        )
+    return hydra
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group (``conf/<group>/*.yaml``, files starting with ``_`` are
+    bases of other options), sorted."""
+    options = _initialised_hydra().config_loader().get_group_options(group)
+    return sorted(option for option in options if not option.startswith("_"))
+
+
+def group_option(group: str, name: str) -> DictConfig:
+    """The content of ``conf/<group>/<name>.yaml`` (its own defaults applied, interpolations
+    unresolved, not in struct mode), read through the running Hydra application's config search
+    path."""
+    from hydra import compose
+
+    options = group_options(group)
+    if name not in options:
+        raise ValueError(f"unknown {group} {name!r}; available: {options}")
+    node = compose(config_name=f"{group}/{name}")[group]
+    return OmegaConf.create(OmegaConf.to_container(node, resolve=False))

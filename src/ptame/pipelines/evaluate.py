@@ -1,0 +1,190 @@
+"""The evaluation pipeline behind ``evaluate.py``: build the explainers named in the config,
+run every metric on the same test images (1 or N processes), write the result tables, then the
+optional analyses (``analysis``: the images x methods figure and the MPRT sanity check)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+
+from ptame.evaluation.contributions import contribution_figures, format_layer_contributions
+from ptame.evaluation.figures import explanation_grid, plot_road_curves
+from ptame.evaluation.mprt import format_mprt, plot_mprt, run_mprt
+from ptame.evaluation.suite import ExplainerEvaluation, evaluate_costs
+from ptame.evaluation.tables import markdown_table, write_tables
+from ptame.explainers.base import Explainer
+from ptame.io import write_json_atomic
+from ptame.pipelines.common import configure_torch, group_option, group_options
+
+log = logging.getLogger(__name__)
+
+
+def build_explainer(
+    name: str, cfg: DictConfig, backbone: Any, _parents: tuple[str, ...] = ()
+) -> Explainer:
+    """Instantiate the config group option ``explainer/<name>`` (interpolations resolved against
+    ``cfg``, then ``cfg.explainer_options.<name>`` applied) for ``backbone``.
+
+    A config with ``members: [names]`` (an ensemble) gets those explainers, each built by this
+    function with its own options, as ``members={name: explainer}``; a config that reaches
+    itself through its members is refused. Configs are read through Hydra's search path
+    (:func:`ptame.pipelines.common.group_option`)."""
+    if name in _parents:
+        raise ValueError(f"explainer {name!r} lists itself among its members: "
+                         f"{' -> '.join([*_parents, name])}")
+    if name not in group_options("explainer"):
+        raise ValueError(f"unknown explainer {name!r}; available: {group_options('explainer')}")
+    if name == "ptame" and not cfg.get("ckpt_path"):
+        raise ValueError("explainer 'ptame' needs ckpt_path=<run>/checkpoints/last.ckpt")
+    node = OmegaConf.merge(group_option("explainer", name),
+                           (cfg.get("explainer_options") or {}).get(name) or {})
+    member_names = node.pop("members", None)
+    root = OmegaConf.create({**OmegaConf.to_container(cfg, resolve=False), "explainer": node})
+    kwargs: dict[str, Any] = {}
+    if member_names is not None:
+        if (not OmegaConf.is_list(member_names) or not member_names
+                or len(set(map(str, member_names))) != len(member_names)):
+            raise ValueError(f"explainer {name!r}: members must be a non-empty list of distinct "
+                             f"explainer config names, got {member_names!r}")
+        kwargs["members"] = {
+            str(member): build_explainer(str(member), cfg, backbone, (*_parents, name))
+            for member in member_names
+        }
+    explainer = instantiate(root.explainer, backbone=backbone, _partial_=True)(**kwargs)
+    explainer.name = name
+    return explainer.eval()
+
+
+def test_loader(datamodule: Any, max_images: int | None) -> DataLoader:
+    """The datamodule's test images (the first ``max_images``), with its batch size."""
+    datamodule.setup("test")
+    loader = datamodule.test_dataloader()
+    dataset = loader.dataset
+    if max_images is not None:
+        dataset = Subset(dataset, range(min(int(max_images), len(dataset))))
+    return DataLoader(dataset, batch_size=loader.batch_size, num_workers=loader.num_workers, shuffle=False)
+
+
+def run_evaluation(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, float]]:
+    """Evaluate ``cfg.explainers`` on the test subset; write results.{json,csv,md,tex} and
+    road_curves.png into ``run_dir``, plus the analyses switched on in ``cfg.analysis``
+    (methods_grid.png, mprt.json/png). Returns ``{method: {metric: value}}`` (rank 0).
+
+    Explainer configs are read through Hydra's search path: call it from ``evaluate.py`` or
+    inside ``hydra.initialize_config_dir``."""
+    run_dir = Path(run_dir)
+    configure_torch(cfg)
+    L.seed_everything(int(cfg.seed), workers=True)
+    datamodule = instantiate(cfg.data)
+    backbone = instantiate(cfg.backbone)
+    names = list(cfg.explainers)
+    if not names:
+        raise ValueError("explainers is empty: name at least one config of conf/explainer/")
+    explainers = {name: build_explainer(name, cfg, backbone) for name in names}
+    loader = test_loader(datamodule, cfg.get("max_images"))
+    module = ExplainerEvaluation(
+        explainers, backbone, OmegaConf.to_container(cfg.metrics, resolve=True),
+        has_masks=bool(getattr(datamodule, "has_masks", False)),
+    )
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=False, callbacks=[], inference_mode=False,
+        enable_checkpointing=False, default_root_dir=str(run_dir),
+    )
+    trainer.test(module, dataloaders=loader, verbose=False)
+    if not trainer.is_global_zero:
+        return module.results
+    results = {name: dict(figures) for name, figures in module.results.items()}
+    if int(cfg.get("cost_images", 0)) > 0:
+        images = next(iter(loader))["image"][: int(cfg.cost_images)].to(module.device)
+        for name, cost in evaluate_costs(explainers, images).items():
+            results[name].update(cost)
+    contributions = contribution_figures(explainers)  # Table 2's layer contributions
+    for name, shares in contributions.items():
+        results[name].update(shares)
+    paths = write_tables(run_dir, results)
+    if any(module.curves.get(method) for method in module.curves):
+        paths["png"] = plot_road_curves(module.curves, run_dir / "road_curves.png")
+    print(f"\nResults on {len(loader.dataset)} test images:\n{markdown_table(results)}")
+    if contributions:
+        print(format_layer_contributions(contributions))
+    analysis = OmegaConf.to_container(cfg.analysis, resolve=True) if "analysis" in cfg else None
+    paths.update(run_analyses(
+        analysis, run_dir, explainers, loader, module.device,
+        lambda name: build_explainer(name, cfg, backbone),
+        getattr(datamodule, "class_names", None),
+    ))
+    log.info("results written to %s", ", ".join(str(p) for p in paths.values()))
+    return results
+
+
+def first_images(batches: Iterable[Mapping[str, Tensor]], count: int) -> Tensor:
+    """The first ``count`` images (N, 3, H, W) of a dataloader (fewer if it has fewer)."""
+    pieces, seen = [], 0
+    for batch in batches:
+        pieces.append(batch["image"][: count - seen])
+        seen += pieces[-1].shape[0]
+        if seen >= count:
+            break
+    if not pieces:
+        raise ValueError("the test set is empty")
+    return torch.cat(pieces)
+
+
+def run_analyses(
+    settings: Mapping[str, Any] | None,
+    run_dir: str | Path,
+    explainers: Mapping[str, Explainer],
+    batches: Iterable[Mapping[str, Tensor]],
+    device: torch.device | str,
+    build: Callable[[str], Explainer],
+    class_names: Any = None,
+) -> dict[str, Path]:
+    """Write the analyses switched on in ``settings`` (the ``analysis`` config) into ``run_dir``.
+
+    Args:
+        settings: ``figure_images`` (N > 0: methods_grid.png of the first N test images),
+            ``figure_upsampling``, ``mprt`` (bool) and ``mprt_options``.
+        explainers: the evaluated explainers (name -> explainer).
+        batches: the test dataloader.
+        device: where images go.
+        build: builds an explainer by config name (MPRT explainers not evaluated).
+        class_names: the dataset's class names (row titles), or None.
+
+    Returns:
+        name -> written path.
+    """
+    settings = settings or {}
+    run_dir = Path(run_dir)
+    paths: dict[str, Path] = {}
+    figure_count = int(settings.get("figure_images") or 0)
+    options = settings.get("mprt_options") or {}
+    mprt_count = int(options.get("images", 32)) if settings.get("mprt") else 0
+    if max(figure_count, mprt_count) <= 0:
+        return paths
+    images = first_images(batches, max(figure_count, mprt_count)).to(device)
+    if figure_count > 0:
+        paths["methods_grid"] = explanation_grid(
+            explainers, images[:figure_count], run_dir / "methods_grid.png", class_names,
+            str(settings.get("figure_upsampling", "bilinear")),
+        )
+    if mprt_count > 0:
+        names = list(options.get("explainers") or ["ptame"])
+        chosen = {name: explainers[name] if name in explainers else build(name).to(device)
+                  for name in names}
+        results = run_mprt(chosen, images[:mprt_count], options)
+        summary = {"settings": {key: value for key, value in options.items() if key != "explainers"},
+                   **{name: result.as_dict() for name, result in results.items()}}
+        paths["mprt_json"] = write_json_atomic(run_dir / "mprt.json", summary)
+        paths["mprt_png"] = plot_mprt(results, run_dir / "mprt.png")
+        print(f"\nModel parameter randomisation test:\n{format_mprt(results)}")
+    log.info("analyses written: %s", ", ".join(str(p) for p in paths.values()))
+    return paths

@@ -1,0 +1,1 @@
+"""What the tests share: tiny networks, constructed classifiers, entry-point runners, configs."""

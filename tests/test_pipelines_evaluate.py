@@ -1,0 +1,78 @@
+"""run_evaluation with the analyses switched on, in-process, on a very small generated dataset
+(the classifiers train for one epoch on 128 images: only the plumbing is checked here; the
+acceptance checks on the real default-experiment classifiers are in test_analysis_generated)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from ptame.pipelines.evaluate import run_evaluation
+from ptame.pipelines.train import run_training
+
+from .helpers.configs import compose_config, hydra_search_path
+
+TINY_DATA = [
+    "experiment=smoke", "run_name=test", "data.num_train=128", "data.num_val=32", "data.num_test=32",
+    "data.batch_size=32", "data.eval_batch_size=16", "backbone.epochs=1", "auxiliary.epochs=1",
+]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    train_dir = tmp_path_factory.mktemp("train")
+    common = [*TINY_DATA, f"paths.cache_dir={cache}"]
+    run_training(compose_config("train", [*common, "final_evaluation.overlay_images=0",
+                                          "final_evaluation.max_images=8"]), train_dir)
+    run_dir = tmp_path_factory.mktemp("evaluate")
+    cfg = compose_config("evaluate", [
+        *common, f"ckpt_path={train_dir / 'checkpoints' / 'last.ckpt'}",
+        "explainers=[ptame,gradcam,rise,random]", "+explainer_options.rise.num_masks=8",
+        "max_images=8", "cost_images=2", "metrics.road.percentages=[50]",
+        "metrics.insertion_deletion.steps=4", "analysis.mprt=true",
+        "analysis.mprt_options.explainers=[ptame,sobel]", "analysis.mprt_options.images=4",
+        "analysis.figure_images=2",
+    ])
+    with hydra_search_path():  # explainer configs are read through Hydra's search path
+        results = run_evaluation(cfg, run_dir)
+    return run_dir, results
+
+
+def test_results_carry_layer_contributions_and_measured_costs(evaluated, capsys):
+    run_dir, results = evaluated
+    saved = json.loads((run_dir / "results.json").read_text())
+    shares = {k: v for k, v in saved["ptame"].items() if k.startswith("layer_contribution/")}
+    assert list(shares) == ["layer_contribution/layer2", "layer_contribution/layer3",
+                            "layer_contribution/layer4"]
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert not any(k.startswith("layer_contribution/") for k in saved["rise"])
+    # measured by the counting hook: 8 masks + the prediction pass, one pass for the others
+    assert saved["rise"]["forward_passes"] == 9.0
+    assert saved["ptame"]["forward_passes"] == saved["gradcam"]["forward_passes"] == 1.0
+    assert all(saved[m]["ms_per_image"] > 0 for m in saved)
+
+
+def test_latex_table_lists_every_method(evaluated):
+    run_dir, results = evaluated
+    tex = (run_dir / "results.tex").read_text()
+    assert "\\toprule" in tex and "\\bottomrule" in tex and "\\textbf{" in tex
+    for method in results:
+        assert f"\n{method} & " in tex
+    assert "Layer & ptame" in tex
+
+
+def test_mprt_and_methods_grid_are_written(evaluated):
+    run_dir, _ = evaluated
+    mprt = json.loads((run_dir / "mprt.json").read_text())
+    assert mprt["settings"]["order"] == "bottom_up" and mprt["settings"]["images"] == 4
+    blocks = ["stem", "layer1", "layer2", "layer3", "layer4", "fc"]
+    assert mprt["ptame"]["blocks"] == mprt["sobel"]["blocks"] == blocks
+    assert mprt["ptame"]["ssim"]["original"] == [1.0] * 6
+    assert mprt["sobel"]["ssim"]["randomised"] == pytest.approx([1.0] * 6)
+    assert mprt["sobel"]["passes"] == {"original": False, "randomised": False}
+    assert (run_dir / "mprt.png").read_bytes()[:4] == b"\x89PNG"
+    with Image.open(run_dir / "methods_grid.png") as grid:
+        assert grid.size == (round(1.9 * 5 * 100), round(1.9 * 2 * 100))
