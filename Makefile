@@ -7,7 +7,7 @@ ARGS ?=
 # Write .pyc files: without them every process recompiles torch and lightning (~20 s).
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: install train test test-slow evaluate sweep benchmark lock clean
+.PHONY: install train test test-slow test-gpu evaluate sweep benchmark benchmark-gpu lock clean
 
 install: .venv/.ptame-synced
 
@@ -31,8 +31,15 @@ test: install
 test-slow: install
 	$(VENV_PYTHON) -m pytest -m "slow" $(ARGS)
 
+test-gpu: install
+	$(VENV_PYTHON) -m pytest -m "gpu" $(ARGS)
+
 benchmark: install
 	$(VENV_PYTHON) benchmarks/train_step.py $(ARGS)
+
+# every GPU benchmark in one call, with a summary table (benchmarks/gpu_suite.py)
+benchmark-gpu: install
+	$(VENV_PYTHON) benchmarks/gpu_suite.py $(ARGS)
 
 lock:
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv

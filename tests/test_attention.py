@@ -79,3 +79,36 @@ def test_wrong_feature_maps_are_refused_with_a_clear_message():
         attention(features_of([(4, 4)], [2]))
     with pytest.raises(ValueError, match=r"feature map 1 should be \(B, 3, h, w\)"):
         attention(features_of([(4, 4), (2, 2)], [2, 5]))
+
+
+def test_one_step_and_stepwise_upsampling_against_direct_computations():
+    """one_step = one F.interpolate to the largest size (the paper, any ratio); stepwise = the
+    release's repeated nn.Upsample(scale_factor=2, mode="bilinear"): 7 -> 14 -> 28 -> 56."""
+    torch.manual_seed(0)
+    features = [torch.randn(2, 3, 56, 56), torch.randn(2, 4, 28, 28), torch.randn(2, 5, 7, 7)]
+    maps = {}
+    for mode in ("one_step", "stepwise"):
+        torch.manual_seed(1)
+        attention = AttentionMechanism([3, 4, 5], num_classes=6, upsampling=mode).eval()
+        with torch.no_grad():
+            maps[mode] = attention(features)
+            processed = attention.process(features)
+            weights = attention.fusion.weight[:, :, 0, 0].split([3, 4, 5], dim=1)
+            direct = 0
+            for level, weight in zip(processed, weights):
+                projected = torch.einsum("ck,bkhw->bchw", weight, level)
+                if mode == "one_step":
+                    up = F.interpolate(projected, size=(56, 56), mode="bilinear", align_corners=False)
+                else:
+                    up = projected
+                    while up.shape[-1] < 56:
+                        up = torch.nn.Upsample(scale_factor=2, mode="bilinear")(up)
+                direct = direct + up
+        torch.testing.assert_close(maps[mode], direct, rtol=1e-5, atol=1e-5)
+    # the same weights, other maps: the two modes are not interchangeable
+    difference = (torch.sigmoid(maps["one_step"]) - torch.sigmoid(maps["stepwise"])).abs().max()
+    assert difference > 0.01
+    with pytest.raises(ValueError, match="power-of-two ratio"):
+        AttentionMechanism([3, 4], 2, upsampling="stepwise")([torch.randn(1, 3, 12, 12), torch.randn(1, 4, 5, 5)])
+    with pytest.raises(ValueError, match="upsampling must be one of"):
+        AttentionMechanism([3], 2, upsampling="bicubic")

@@ -57,3 +57,45 @@ def test_faithfulness_callback_refuses_a_bad_pointing_tolerance_at_construction(
     with pytest.raises(ValueError, match="pointing-game tolerance must be a finite number"):
         FaithfulnessEvaluation(metrics={"pointing_tolerance": -2})
     assert FaithfulnessEvaluation(metrics={"pointing_tolerance": 2}).metrics["pointing_tolerance"] == 2
+
+
+class FakeClock(L.Callback):
+    """Advances a fake ``perf_counter`` by a fixed time per training step."""
+
+    def __init__(self, seconds_per_step: float) -> None:
+        self.now, self.seconds_per_step = 100.0, seconds_per_step
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.now += self.seconds_per_step
+
+
+def test_training_throughput_logs_images_per_second_and_estimates_the_epoch(tmp_path, monkeypatch, caplog):
+    import types
+
+    import ptame.callbacks
+    from ptame.callbacks import TrainingThroughput
+
+    clock = FakeClock(0.25)
+    monkeypatch.setattr(ptame.callbacks, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    throughput = TrainingThroughput(warmup_steps=1, estimate_steps=2)
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, log_every_n_steps=2,
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+        callbacks=[clock, throughput], num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    with caplog.at_level("INFO", logger="ptame.callbacks"):
+        trainer.fit(make_module(), datamodule=TinyData())
+    # four batches of 4 images, 0.25 s each: 16 images/s; the estimate's window is steps 2-3
+    assert throughput.estimate == {"images_per_second": 16.0, "seconds_per_step": 0.25, "epoch_seconds": 1.0}
+    assert float(trainer.callback_metrics["train/images_per_second"]) == pytest.approx(16.0)
+    assert "throughput 16 images/s (250.0 ms per step, steps 2-3); estimated epoch time 0.0 min for 4 steps" in caplog.text
+
+
+def test_training_throughput_settings_are_checked():
+    from ptame.callbacks import TrainingThroughput
+
+    with pytest.raises(ValueError, match="estimate_steps >= 1"):
+        TrainingThroughput(estimate_steps=0)

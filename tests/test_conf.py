@@ -132,6 +132,7 @@ def test_each_imagenet_preset_resolves_to_its_run(experiment):
     assert (cfg["model"]["lr"], cfg["model"]["map_normalisation"], cfg["model"]["input_size"]) == (
         1e-4, "minmax", [224, 224])
     assert cfg["model"]["channels_last"] and cfg["data"]["batch_size"] == 32
+    assert cfg["model"]["upsampling"] == "stepwise"  # the release's x2 steps
     assert cfg["trainer"] == {
         "_target_": "lightning.Trainer", "accelerator": "gpu", "devices": 1,
         "precision": "bf16-mixed", "max_epochs": 1, "log_every_n_steps": 50,
@@ -168,10 +169,21 @@ def test_one_metrics_group_feeds_evaluation_training_and_the_callback():
     cfg = compose_config("evaluate", ["callbacks=faithfulness", "seed=3", "metrics.road.auc=padded",
                                       "metrics.pointing_tolerance=1.5"])
     callback = OmegaConf.to_container(cfg.callbacks.faithfulness.metrics, resolve=True)
-    assert callback == {"adic": {"thresholds": [100, 50, 15], "soft": True},
+    assert callback == {"adic": {"thresholds": [100, 50, 15], "soft": True, "pixels": "exact", "seed": 3},
                         "road": {"percentages": [10, 20, 30, 40, 50, 70, 90],
                                  "imputer": "noisy_linear", "noise_std": 0.01, "auc": "padded",
-                                 "seed": 3},
-                        "pointing_tolerance": 1.5}
+                                 "pixels": "exact", "seed": 3},
+                        "pointing_tolerance": 1.5, "precision": "float32"}
     assert cfg.final_evaluation.pointing_tolerance == 1.5
     assert cfg.metrics.insertion_deletion.seed == 3 and cfg.metrics.localisation
+
+
+def test_the_release_metrics_preset_changes_only_what_the_release_does_differently():
+    paper = OmegaConf.to_container(compose_config("evaluate", ["run_name=x"]).metrics, resolve=True)
+    release = OmegaConf.to_container(compose_config("evaluate", ["run_name=x", "metrics=release"]).metrics,
+                                     resolve=True)
+    assert release["adic"] == {**paper["adic"], "pixels": "release"}
+    assert release["road"] == {**paper["road"], "percentages": [10, 30, 50, 70],
+                               "imputer": "telea_release", "auc": "padded", "pixels": "release"}
+    for key in ("insertion_deletion", "localisation", "pointing_tolerance", "precision"):
+        assert release[key] == paper[key]

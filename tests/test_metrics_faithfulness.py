@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ptame.metrics import ROAD, AverageDropIncrease, InsertionDeletion, curve_auc, measure_cost
-from ptame.metrics.base import deduplicate, top_fraction_mask
+from ptame.metrics.base import deduplicate, top_pixels
 from ptame.networks import Backbone
 
 
@@ -26,12 +26,12 @@ def p_class0(evidence):
     return 1 / (1 + math.exp(-evidence))
 
 
-def test_top_fraction_never_keeps_more_than_asked_even_with_ties():
+def test_top_pixels_never_keep_more_than_asked_even_with_ties():
     maps = torch.ones(2, 4, 4)
     for fraction, count in [(0.5, 8), (0.15, 2), (1.0, 16), (0.0, 0)]:
-        assert top_fraction_mask(maps, fraction).sum(dim=(1, 2)).tolist() == [count, count]
+        assert top_pixels(maps, fraction, torch.tensor([0, 1]), 0).sum(dim=(1, 2)).tolist() == [count, count]
     maps = torch.arange(16.0).view(1, 4, 4)
-    assert top_fraction_mask(maps, 0.25)[0].flatten().nonzero().flatten().tolist() == [12, 13, 14, 15]
+    assert top_pixels(maps, 0.25, torch.tensor([0]), 0)[0].flatten().nonzero().flatten().tolist() == [12, 13, 14, 15]
 
 
 def test_average_drop_and_increase_by_hand():

@@ -153,3 +153,40 @@ def test_non_finite_loss_stops_training_with_a_clear_error(tmp_path):
         module.ptame.attention.fusion.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="not finite"):
         fit(module, tmp_path, steps=1)
+
+
+class RecordLoss(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def train_losses(tmp_path, steps: int, **kwargs) -> tuple[PTAMEModule, list[float]]:
+    """Loss per step over ``steps`` steps on one repeated batch of 8 images (lr 0.05)."""
+    torch.manual_seed(0)
+    module = make_module(make_backbone(), make_auxiliary(), **kwargs)
+    module.hparams.lr = 5e-2
+    record = RecordLoss()
+    images = RandomImages(8)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False,
+        callbacks=[record], num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    loader = DataLoader(torch.utils.data.Subset(images, [0] * 8 * steps), batch_size=8)
+    trainer.fit(module, train_dataloaders=loader)
+    return module, record.losses
+
+
+def test_compiled_frozen_networks_train_and_give_the_eager_losses(tmp_path):
+    """``model.compile=true`` on CPU (torch.compile of the frozen networks' training copies):
+    a few steps train, the loss falls, and each step's loss is the eager run's."""
+    compiled, compiled_losses = train_losses(tmp_path / "compiled", 6, compile=True)
+    _, eager_losses = train_losses(tmp_path / "eager", 6, compile=False)
+    backbone, auxiliary = compiled.frozen_networks()
+    assert isinstance(backbone, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(auxiliary, torch._dynamo.eval_frame.OptimizedModule)
+    assert compiled_losses[-1] < 0.9 * compiled_losses[0], compiled_losses
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4, abs=1e-5)

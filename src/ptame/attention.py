@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ptame.maps import UPSAMPLING_MODES, resize_maps
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
 
@@ -36,6 +38,9 @@ class AttentionMechanism(nn.Module):
         in_channels: channel count of each auxiliary feature map, in the auxiliary's layer order.
         num_classes: C, the number of class-specific maps (the backbone's output size).
         activation: the branch activation.
+        upsampling: how smaller maps reach the largest one: ``"one_step"`` (one bilinear resize,
+            any ratio; the paper) or ``"stepwise"`` (repeated x2 bilinear steps, power-of-two
+            ratios: the authors' release, whose weights give its maps only this way).
 
     ``forward(features)`` takes the list of (B, c_l, h_l, w_l) feature maps and returns raw fused
     scores (B, C, h, w) at the resolution of the largest feature map (largest h*w); apply a
@@ -43,8 +48,12 @@ class AttentionMechanism(nn.Module):
     [0, 1]. Any size ratio between levels is supported (bilinear, align_corners=False).
     """
 
-    def __init__(self, in_channels: Sequence[int], num_classes: int, activation: str = "relu"):
+    def __init__(self, in_channels: Sequence[int], num_classes: int, activation: str = "relu",
+                 upsampling: str = "one_step"):
         super().__init__()
+        if upsampling not in UPSAMPLING_MODES:
+            raise ValueError(f"upsampling must be one of {UPSAMPLING_MODES}, got {upsampling!r}")
+        self.upsampling = upsampling
         if len(in_channels) == 0:
             raise ValueError("the attention mechanism needs at least one feature map")
         if num_classes < 1:
@@ -69,12 +78,7 @@ class AttentionMechanism(nn.Module):
                 )
 
     def forward(self, features: Sequence[Tensor], classes: Tensor | None = None) -> Tensor:
-        """Raw class scores.
-
-        Equivalent to ``fusion(concat(upsample(branch_l(F_l))))``, computed as
-        ``sum_l upsample(W_l branch_l(F_l))``: the 1x1 fusion is linear per pixel and bilinear
-        upsampling is linear per channel, so projecting each branch onto the class maps first and
-        upsampling only those maps gives the same scores at a fraction of the cost.
+        """Raw class scores: ``class_scores(process(features), classes)``.
 
         Args:
             features: list of (B, c_l, h_l, w_l) auxiliary feature maps.
@@ -84,24 +88,54 @@ class AttentionMechanism(nn.Module):
             (B, C, h, w) scores, or (B, S, h, w) when ``classes`` is given, at the size of the
             largest feature map.
         """
+        return self.class_scores(self.process(features), classes)
+
+    def process(self, features: Sequence[Tensor]) -> list[Tensor]:
+        """The feature branches: list of (B, c_l, h_l, w_l) processed maps. Run it once per
+        batch and pass the result to :meth:`class_scores` for every set of classes (the
+        branches' BatchNorm updates its statistics at each call in training)."""
         self._check(features)
-        if classes is not None and (classes.ndim != 2 or classes.shape[0] != features[0].shape[0]):
-            raise ValueError(
-                f"classes must be (B, S) with B={features[0].shape[0]}, got {tuple(classes.shape)}"
-            )
-        target_size = tuple(max((f.shape[-2:] for f in features), key=lambda s: s[0] * s[1]))
+        return [branch(feature) for branch, feature in zip(self.branches, features, strict=True)]
+
+    def class_scores(self, processed: Sequence[Tensor], classes: Tensor | None = None) -> Tensor:
+        """Raw scores of ``classes`` (B, S), or of all C classes, from the processed branches.
+
+        Equivalent to ``fusion(concat(upsample(processed_l)))``, computed as
+        ``sum_l upsample(W_l processed_l)``: the 1x1 fusion is linear per pixel and bilinear
+        upsampling is linear per channel, so projecting each branch onto the requested class maps
+        first and upsampling only those maps gives the same scores at a fraction of the cost.
+        The projections are batched matrix products with the rows of the fusion weights that
+        the classes select (an embedding lookup, whose backward sums the rows of repeated
+        classes without atomic contention), and the upsampling is two matrix products per map
+        (:func:`ptame.maps.resize_maps`), so the cost grows with the number of maps, not with a
+        scatter in the backward pass.
+
+        Returns:
+            (B, S, h, w) or (B, C, h, w) scores at the size of the largest processed map.
+        """
+        batch = processed[0].shape[0]
+        if classes is not None and (classes.ndim != 2 or classes.shape[0] != batch):
+            raise ValueError(f"classes must be (B, S) with B={batch}, got {tuple(classes.shape)}")
+        target_size = tuple(max((p.shape[-2:] for p in processed), key=lambda s: s[0] * s[1]))
         weights = self.fusion.weight.flatten(1).split(self.in_channels, dim=1)
         scores = None
-        for branch, feature, weight in zip(self.branches, features, weights, strict=True):
-            processed = branch(feature)
-            if classes is None:
-                projected = F.conv2d(processed, weight[:, :, None, None].to(processed.dtype))
-            else:
-                projected = torch.einsum("bsk,bkhw->bshw", weight[classes].to(processed.dtype), processed)
+        for level, weight in zip(processed, weights, strict=True):
+            projected = self._project(level, weight, classes)
             if tuple(projected.shape[-2:]) != target_size:
-                projected = F.interpolate(projected, size=target_size, mode="bilinear", align_corners=False)
+                projected = resize_maps(projected, target_size, self.upsampling)
             scores = projected if scores is None else scores + projected
         return scores
+
+    @staticmethod
+    def _project(processed: Tensor, weight: Tensor, classes: Tensor | None) -> Tensor:
+        """(B, S or C, h, w) = the class rows of ``weight`` (C, k) times ``processed`` (B, k, h, w)."""
+        batch, channels, height, width = processed.shape
+        pixels = processed.flatten(2)  # (B, k, h w); a view for contiguous and channels_last
+        if classes is None:
+            rows = weight.to(processed.dtype).expand(batch, *weight.shape)
+        else:
+            rows = F.embedding(classes, weight).to(processed.dtype)  # (B, S, k)
+        return torch.bmm(rows, pixels).view(batch, rows.shape[1], height, width)
 
     def layer_contributions(self) -> list[float]:
         """Share of the fusion weights' absolute mass that belongs to each feature branch.

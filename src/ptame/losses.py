@@ -15,6 +15,8 @@ c* (B,) is the backbone's own prediction on the unmasked image.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Literal
 
 import torch
@@ -23,6 +25,7 @@ from torch import Tensor, nn
 
 ClassSubsetMode = Literal["random", "batch"]
 VariationNormalisation = Literal["mean", "release"]
+RegulariserImplementation = Literal["auto", "triton", "torch"]
 
 # Keeps E ** p differentiable at E = 0 for p < 1 (the sigmoid can underflow to exactly 0).
 _AREA_FLOOR = 1e-12
@@ -82,6 +85,53 @@ def variation_loss(
     raise ValueError(f"unknown variation normalisation {normalisation!r}; use 'mean' or 'release'")
 
 
+def _triton_usable(scores: Tensor) -> bool:
+    on_device = scores.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return (on_device and scores.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and importlib.util.find_spec("triton") is not None)
+
+
+def regulariser_terms(
+    scores: Tensor,
+    area_power: float,
+    area_epsilon: float = 0.0,
+    variation_power: float = 2.0,
+    border_penalty: float = 0.0,
+    normalisation: VariationNormalisation = "mean",
+    implementation: RegulariserImplementation = "auto",
+) -> tuple[Tensor, Tensor]:
+    """(:func:`area_loss`, :func:`variation_loss`) of the maps ``sigmoid(scores)``.
+
+    Args:
+        scores: (B, S, h, w) raw attention scores of the class subset S.
+        area_power, area_epsilon, variation_power, border_penalty, normalisation: see
+            :func:`area_loss` and :func:`variation_loss`.
+        implementation: ``"torch"`` (PyTorch operations, float32), ``"triton"`` (one fused kernel
+            per pass, :mod:`ptame.fused_regularisers`; CUDA tensors), ``"auto"`` (Triton on CUDA
+            when it is installed, PyTorch elsewhere). Both give the same values and gradients up
+            to float rounding (maps in float32 either way).
+
+    Returns:
+        two scalar float32 tensors, differentiable in ``scores``.
+    """
+    if scores.ndim != 4:
+        raise ValueError(f"regulariser_terms expects scores (B, S, h, w), got {tuple(scores.shape)}")
+    if implementation not in ("auto", "triton", "torch"):
+        raise ValueError(f"unknown regulariser implementation {implementation!r}; use auto, triton or torch")
+    fused = implementation == "triton" or (implementation == "auto" and _triton_usable(scores))
+    if fused:
+        from ptame.fused_regularisers import FusedRegularisers, RegulariserSettings
+
+        settings = RegulariserSettings(
+            float(area_power), float(area_epsilon), _AREA_FLOOR, float(variation_power),
+            float(border_penalty), normalisation,
+        )
+        return FusedRegularisers.apply(scores, settings)
+    maps = torch.sigmoid(scores.float())
+    return (area_loss(maps, area_power, area_epsilon),
+            variation_loss(maps, variation_power, border_penalty, normalisation))
+
+
 def select_class_subset(
     predictions: Tensor,
     num_classes: int,
@@ -132,6 +182,8 @@ class PTAMELoss(nn.Module):
         variation_normalisation: ``"mean"`` (paper) or ``"release"``.
         class_subset: ``"random"`` (paper) or ``"batch"`` (release).
         subset_size: |S| = lambda_rand for ``"random"``; None = batch size.
+        implementation: how the area and variation terms are computed from raw scores
+            (:func:`regulariser_terms`): ``"auto"``, ``"triton"`` or ``"torch"``.
     """
 
     def __init__(
@@ -146,6 +198,7 @@ class PTAMELoss(nn.Module):
         variation_normalisation: VariationNormalisation = "mean",
         class_subset: ClassSubsetMode = "random",
         subset_size: int | None = None,
+        implementation: RegulariserImplementation = "auto",
     ) -> None:
         super().__init__()
         for name, value in [
@@ -170,6 +223,10 @@ class PTAMELoss(nn.Module):
             raise ValueError(f"loss.class_subset must be 'random' or 'batch', got {class_subset!r}")
         if subset_size is not None and subset_size < 1:
             raise ValueError(f"loss.subset_size must be at least 1 or null, got {subset_size}")
+        if implementation not in ("auto", "triton", "torch"):
+            raise ValueError(
+                f"loss.implementation must be 'auto', 'triton' or 'torch', got {implementation!r}"
+            )
         self.ce_weight = float(ce_weight)
         self.area_weight = float(area_weight)
         self.variation_weight = float(variation_weight)
@@ -180,6 +237,7 @@ class PTAMELoss(nn.Module):
         self.variation_normalisation: VariationNormalisation = variation_normalisation
         self.class_subset: ClassSubsetMode = class_subset
         self.subset_size = subset_size
+        self.implementation: RegulariserImplementation = implementation
 
     def select_classes(
         self, predictions: Tensor, num_classes: int, generator: torch.Generator | None = None
@@ -190,24 +248,40 @@ class PTAMELoss(nn.Module):
         )
 
     def forward(
-        self, masked_logits: Tensor, predictions: Tensor, subset_maps: Tensor
+        self,
+        masked_logits: Tensor,
+        predictions: Tensor,
+        subset_maps: Tensor | None = None,
+        *,
+        subset_scores: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Loss terms for one batch.
 
         Args:
             masked_logits: (B, C) backbone logits on the images masked with E_c*.
             predictions: (B,) c*, the backbone's predictions on the unmasked images.
-            subset_maps: (B, S, h, w) maps E_S in [0, 1].
+            subset_maps: (B, S, h, w) maps E_S in [0, 1]; or instead
+            subset_scores: (B, S, h, w) their raw scores (E_S = sigmoid(scores)), which lets the
+                area and variation terms run as one fused kernel on GPUs
+                (:func:`regulariser_terms`, ``implementation``).
 
         Returns:
             dict with scalar tensors ``loss`` (weighted total), ``ce``, ``area``, ``variation``
             (unweighted terms).
         """
+        if (subset_maps is None) == (subset_scores is None):
+            raise ValueError("PTAMELoss needs exactly one of subset_maps and subset_scores")
         ce = F.cross_entropy(masked_logits.float(), predictions)
-        maps = subset_maps.float()
-        area = area_loss(maps, self.area_power, self.area_epsilon)
-        variation = variation_loss(
-            maps, self.variation_power, self.border_penalty, self.variation_normalisation
-        )
+        if subset_scores is not None:
+            area, variation = regulariser_terms(
+                subset_scores, self.area_power, self.area_epsilon, self.variation_power,
+                self.border_penalty, self.variation_normalisation, self.implementation,
+            )
+        else:
+            maps = subset_maps.float()
+            area = area_loss(maps, self.area_power, self.area_epsilon)
+            variation = variation_loss(
+                maps, self.variation_power, self.border_penalty, self.variation_normalisation
+            )
         total = self.ce_weight * ce + self.area_weight * area + self.variation_weight * variation
         return {"loss": total, "ce": ce, "area": area, "variation": variation}

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ptame.attention import AttentionMechanism
-from ptame.maps import minmax_maps, upsample_maps
+from ptame.maps import minmax_maps, resize_maps
 from ptame.networks.frozen import AuxiliaryFeatureExtractor, Backbone
 
 MapNormalisation = Literal["sigmoid", "minmax"]
@@ -29,7 +29,8 @@ def normalise_scores(scores: Tensor, mode: MapNormalisation) -> Tensor:
 
 
 def mask_images(images: Tensor, maps: Tensor) -> Tensor:
-    """Paper Eq. 1: x * up_bilinear(E) in [0, 1] pixel space.
+    """Paper Eq. 1: x * up_bilinear(E) in [0, 1] pixel space (the upsampling as two matrix
+    products, :func:`ptame.maps.resize_maps`: its backward needs no atomic scatter).
 
     Args:
         images: (B, 3, H, W) in [0, 1].
@@ -38,7 +39,7 @@ def mask_images(images: Tensor, maps: Tensor) -> Tensor:
     Returns:
         (B, 3, H, W) masked images in [0, 1] (masked-out pixels become black).
     """
-    return images * upsample_maps(maps, images.shape[-2:]).unsqueeze(1).to(images.dtype)
+    return images * resize_maps(maps, images.shape[-2:]).unsqueeze(1).to(images.dtype)
 
 
 class PTAME(nn.Module):
@@ -53,6 +54,8 @@ class PTAME(nn.Module):
         num_classes: C; None infers it from the backbone's output.
         input_size: (H, W) of the training images, used for the probe.
         activation: activation of the attention's feature branches.
+        upsampling: ``"one_step"`` or ``"stepwise"`` (see
+            :class:`~ptame.attention.AttentionMechanism`).
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class PTAME(nn.Module):
         num_classes: int | None = None,
         input_size: Sequence[int] = (224, 224),
         activation: str = "relu",
+        upsampling: str = "one_step",
     ) -> None:
         super().__init__()
         if not isinstance(backbone, Backbone):
@@ -88,7 +92,8 @@ class PTAME(nn.Module):
         self.map_size = max(self.feature_sizes, key=lambda s: s[0] * s[1])
         self.num_classes = int(num_classes)
         self.activation = activation
-        self.attention = AttentionMechanism(self.feature_channels, self.num_classes, activation)
+        self.upsampling = upsampling
+        self.attention = AttentionMechanism(self.feature_channels, self.num_classes, activation, upsampling)
 
     @property
     def resolution(self) -> int:
@@ -124,4 +129,5 @@ class PTAME(nn.Module):
             "feature_sizes": [list(s) for s in self.feature_sizes],
             "map_size": list(self.map_size),
             "activation": self.activation,
+            "upsampling": self.upsampling,
         }

@@ -21,14 +21,23 @@ from ptame.explainers.ptame import PTAMEExplainer
 from ptame.losses import PTAMELoss
 from ptame.model import PTAME, MapNormalisation, mask_images
 from ptame.networks.frozen import AuxiliaryFeatureExtractor, Backbone
+from ptame.networks.inference import inference_copy
+
+FROZEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class PTAMEModule(L.LightningModule):
     """Trains only the attention mechanism; backbone and auxiliary stay frozen in eval mode.
 
     One training step: c* = argmax f(x) and the auxiliary features (no gradient, computed once);
-    maps of c* and of the class subset S; x_m = x * up(E_c*) in [0, 1]; f(x_m) with gradients to
-    x_m only (the frozen backbone's parameters never require a gradient); loss (Eq. 4).
+    the map of c* and the raw scores of the class subset S; x_m = x * up(E_c*) in [0, 1]; f(x_m)
+    with gradients to x_m only (the frozen backbone's parameters never require a gradient); loss
+    (Eq. 4), its area and variation terms fused into one kernel on GPUs. The three frozen passes
+    run on an inference copy of each frozen network (:func:`ptame.networks.inference.inference_copy`:
+    BatchNorm folded, weights in the training dtype, channels_last), built on first use on the
+    module's device; the explainer and the metrics use the original float32 networks. A step
+    makes no host synchronisation: a non-finite loss is detected on the device and raised at the
+    next logging step.
 
     Args:
         backbone, auxiliary: frozen networks (see :mod:`ptame.networks`).
@@ -40,9 +49,15 @@ class PTAMEModule(L.LightningModule):
         num_classes: None infers C from the backbone.
         input_size: (H, W) of training images (probe for the attention's shapes).
         activation: the feature branches' activation.
+        upsampling: ``"one_step"`` (the paper) or ``"stepwise"`` (the release's repeated x2
+            bilinear steps; stored in checkpoints).
         map_normalisation: how maps are normalised by :meth:`explainer` at evaluation.
         channels_last: use channels_last memory format (faster convolutions on GPU).
-        compile: wrap the backbone and the auxiliary in ``torch.compile``.
+        compile: wrap the frozen networks' training copies in ``torch.compile``.
+        fold_batchnorm: fold BatchNorm into the preceding convolutions of the frozen networks'
+            training copies (exact up to float rounding).
+        frozen_dtype: dtype of the training copies: ``"auto"`` (bf16 / fp16 under the trainer's
+            bf16 / 16 precision, float32 otherwise), ``"float32"``, ``"bfloat16"``, ``"float16"``.
         seed: seed of the class-subset generator (offset by the process rank).
     """
 
@@ -60,9 +75,12 @@ class PTAMEModule(L.LightningModule):
         num_classes: int | None = None,
         input_size: Sequence[int] = (224, 224),
         activation: str = "relu",
+        upsampling: str = "one_step",
         map_normalisation: MapNormalisation = "sigmoid",
         channels_last: bool = False,
         compile: bool = False,
+        fold_batchnorm: bool = True,
+        frozen_dtype: str = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -72,6 +90,10 @@ class PTAMEModule(L.LightningModule):
             raise ValueError(f"model.weight_decay must be non-negative, got {weight_decay}")
         if scheduler not in ("onecycle", "none"):
             raise ValueError(f"model.scheduler must be 'onecycle' or 'none', got {scheduler!r}")
+        if frozen_dtype != "auto" and frozen_dtype not in FROZEN_DTYPES:
+            raise ValueError(
+                f"model.frozen_dtype must be 'auto' or one of {sorted(FROZEN_DTYPES)}, got {frozen_dtype!r}"
+            )
         # Plain Python values only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
@@ -84,33 +106,76 @@ class PTAMEModule(L.LightningModule):
                 "num_classes": None if num_classes is None else int(num_classes),
                 "input_size": [int(s) for s in input_size],
                 "activation": str(activation),
+                "upsampling": str(upsampling),
                 "map_normalisation": str(map_normalisation),
                 "channels_last": bool(channels_last),
                 "compile": bool(compile),
+                "fold_batchnorm": bool(fold_batchnorm),
+                "frozen_dtype": str(frozen_dtype),
                 "seed": int(seed),
             }
         )
-        self.ptame = PTAME(backbone, auxiliary, num_classes, input_size, activation)
+        self.ptame = PTAME(backbone, auxiliary, num_classes, input_size, activation, upsampling)
         self.loss = loss
         self._subset_generator: torch.Generator | None = None
         self._subset_generator_state: Tensor | None = None
-        # Compiled wrappers live outside the module tree so they never enter the state dict.
-        self.__dict__["_compiled"] = {}
+        # Training copies of the frozen networks live outside the module tree: never in the
+        # state dict, never seen by DDP.
+        self.__dict__["_training_networks"] = {}
+        self._nonfinite_step: Tensor | None = None  # first step with a non-finite loss, or -1
 
     # ------------------------------------------------------------------ setup
     def configure_model(self) -> None:
-        """Memory format and compilation, applied once the module is on its device."""
+        """Memory format, applied once the module is on its device."""
         if self.hparams.channels_last:
             self.ptame.to(memory_format=torch.channels_last)
-        if self.hparams.compile and not self._compiled:
-            self._compiled["backbone"] = torch.compile(self.ptame.backbone)
-            self._compiled["auxiliary"] = torch.compile(self.ptame.auxiliary)
 
-    def _backbone_forward(self, images: Tensor) -> Tensor:
-        return self._compiled.get("backbone", self.ptame.backbone)(images)
+    def training_dtype(self) -> torch.dtype:
+        """The dtype of the frozen networks' training copies (see ``frozen_dtype``)."""
+        if self.hparams.frozen_dtype != "auto":
+            return FROZEN_DTYPES[self.hparams.frozen_dtype]
+        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
+        if precision.startswith("bf16"):
+            return torch.bfloat16
+        if precision.startswith("16"):
+            return torch.float16
+        return torch.float32
 
-    def _auxiliary_forward(self, images: Tensor) -> list[Tensor]:
-        return self._compiled.get("auxiliary", self.ptame.auxiliary)(images)
+    def frozen_networks(self) -> tuple[Any, Any]:
+        """(backbone, auxiliary) used by the training step: inference copies of the frozen
+        networks on the module's device, compiled with ``compile=true``; rebuilt when the device
+        or the dtype changes."""
+        dtype = self.training_dtype()
+        key = (str(self.device), dtype)
+        cache = self._training_networks
+        if cache.get("key") != key:
+            copies = [
+                inference_copy(network, dtype, self.hparams.channels_last,
+                               self.hparams.fold_batchnorm).to(self.device)
+                for network in (self.ptame.backbone, self.ptame.auxiliary)
+            ]
+            if self.hparams.compile:
+                copies = [torch.compile(network) for network in copies]
+            cache.clear()
+            cache.update(key=key, dtype=dtype, backbone=copies[0], auxiliary=copies[1])
+        return cache["backbone"], cache["auxiliary"]
+
+    def _frozen_forward(self, network: Any, images: Tensor) -> Any:
+        """``network(images)`` under autocast to the training copies' dtype (float32: none).
+        Outside an autocast region (e.g. ``precision=32-true`` with ``frozen_dtype=bfloat16``)
+        the outputs come back in the images' dtype, as the trainable head expects them."""
+        dtype = self._training_networks["dtype"]
+        if dtype == torch.float32:
+            return network(images)
+        device = images.device.type
+        outer = torch.is_autocast_enabled(device)
+        with torch.autocast(device, dtype=dtype):
+            outputs = network(images)
+        if outer:
+            return outputs
+        if isinstance(outputs, Tensor):
+            return outputs.to(images.dtype)
+        return [output.to(images.dtype) for output in outputs]
 
     def _prepare_images(self, images: Tensor) -> Tensor:
         if self.hparams.channels_last:
@@ -131,30 +196,49 @@ class PTAMEModule(L.LightningModule):
     def compute_loss(self, images: Tensor) -> dict[str, Tensor]:
         """Loss terms for a batch of [0, 1] images (B, 3, H, W); see :class:`PTAMELoss`."""
         images = self._prepare_images(images)
+        backbone, auxiliary = self.frozen_networks()
         with torch.no_grad():
-            predictions = self._backbone_forward(images).argmax(dim=1)
-            features = self._auxiliary_forward(images)
+            predictions = self._frozen_forward(backbone, images).argmax(dim=1)
+            features = self._frozen_forward(auxiliary, images)
         subset = self.loss.select_classes(predictions, self.ptame.num_classes, self._generator())
-        classes = torch.cat([predictions.unsqueeze(1), subset], dim=1)
-        maps = torch.sigmoid(self.ptame.attention(features, classes))
-        masked = mask_images(images, maps[:, 0])
-        masked_logits = self._backbone_forward(masked)
-        terms = self.loss(masked_logits, predictions, maps[:, 1:])
-        terms["mean_map"] = maps[:, 0].detach().float().mean()
+        attention = self.ptame.attention
+        processed = attention.process(features)
+        target_maps = torch.sigmoid(attention.class_scores(processed, predictions.unsqueeze(1))[:, 0])
+        scores = attention.class_scores(processed, subset)  # (B, S, h, w)
+        masked = mask_images(images, target_maps)
+        masked_logits = self._frozen_forward(backbone, masked)
+        terms = self.loss(masked_logits, predictions, subset_scores=scores)
+        terms["mean_map"] = target_maps.detach().float().mean()
         return terms
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         terms = self.compute_loss(batch["image"])
-        if not torch.isfinite(terms["loss"]):
-            values = {k: float(v) for k, v in terms.items()}
-            raise FloatingPointError(
-                f"P-TAME loss is not finite at step {self.global_step} (terms {values}); "
-                "lower model.lr or check the loss weights"
-            )
+        self._watch_finite(terms)
         batch_size = batch["image"].shape[0]
         for key, value in terms.items():
             self.log(f"train/{key}", value, prog_bar=key == "loss", batch_size=batch_size)
         return terms["loss"]
+
+    def _watch_finite(self, terms: dict[str, Tensor]) -> None:
+        """Record on the device the first step whose loss is not finite (no synchronisation), and
+        raise at every ``log_every_n_steps``-th step, and at the last one, if there was one."""
+        loss = terms["loss"].detach()
+        step = torch.full((), self.global_step, device=loss.device, dtype=torch.long)
+        if self._nonfinite_step is None or self._nonfinite_step.device != loss.device:
+            self._nonfinite_step = torch.full((), -1, device=loss.device, dtype=torch.long)
+        first = (self._nonfinite_step < 0) & ~torch.isfinite(loss)
+        self._nonfinite_step = torch.where(first, step, self._nonfinite_step)
+        trainer = self._trainer
+        every = max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1)) if trainer else 1
+        last = trainer is not None and self.global_step + 1 >= trainer.estimated_stepping_batches
+        if (self.global_step + 1) % every == 0 or last or self.device.type == "cpu":
+            bad_step = int(self._nonfinite_step)
+            if bad_step >= 0:
+                values = {k: float(v.detach()) for k, v in terms.items()}
+                raise FloatingPointError(
+                    f"P-TAME loss is not finite at step {bad_step} (terms at step "
+                    f"{self.global_step}: {values}); lower model.lr or check the loss weights"
+                )
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         terms = self.compute_loss(batch["image"])

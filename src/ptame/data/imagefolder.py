@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ IMG_EXTENSIONS: tuple[str, ...] = (
 )  # fmt: skip
 IMAGENET_NUM_CLASSES = 1000
 LAYOUTS = ("imagefolder", "torchvision")
+DECODE_MODES = ("cpu", "gpu", "auto")
 
 Sample = tuple[str, int]
 """One labelled image: (absolute file path, integer class label)."""
@@ -88,39 +90,126 @@ def _check_sizes(resize_size: int, crop_size: int) -> None:
         raise ValueError(f"crop_size ({crop_size}) must not exceed resize_size ({resize_size})")
 
 
-def _to_float_tensor() -> list[v2.Transform]:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.ToPureTensor()]
+def resized_size(height: int, width: int, shorter: int) -> tuple[int, int]:
+    """(height, width) after ``Resize(shorter)``: the shorter side becomes ``shorter`` and the
+    longer one ``int(shorter * longer / shorter_side)`` (torchvision's rule)."""
+    if height <= width:
+        return shorter, int(shorter * width / height)
+    return int(shorter * height / width), shorter
 
 
-def train_transform(
-    resize_size: int = 256, crop_size: int = 224
-) -> Callable[[Image.Image], Tensor]:
+@dataclass(frozen=True)
+class CropPlan:
+    """Where one image's crop comes from: resize the decoded image to (resized_height,
+    resized_width), take the ``size`` x ``size`` square at (top, left), mirror it if ``flip``.
+
+    Drawn once per image (:func:`plan_crop`) and applied by either decoding path (PIL on the
+    CPU: :func:`crop_pil`; a decoded tensor on any device: :func:`crop_tensor`), so both give the
+    same crop of the same file for the same random state.
+    """
+
+    resized_height: int
+    resized_width: int
+    top: int
+    left: int
+    size: int
+    flip: bool
+
+    def as_tensor(self) -> Tensor:
+        """(6,) int64: resized height, resized width, top, left, size, flip."""
+        return torch.tensor([self.resized_height, self.resized_width, self.top, self.left,
+                             self.size, int(self.flip)], dtype=torch.int64)
+
+    @classmethod
+    def from_tensor(cls, values: Tensor) -> CropPlan:
+        """The plan of :meth:`as_tensor`."""
+        height, width, top, left, size, flip = (int(v) for v in values.tolist())
+        return cls(height, width, top, left, size, bool(flip))
+
+
+def plan_crop(height: int, width: int, resize_size: int, crop_size: int, train: bool) -> CropPlan:
+    """The crop of an image of ``height`` x ``width`` pixels.
+
+    Training (Resize + RandomCrop + RandomHorizontalFlip): top and left uniform over the valid
+    positions, then a flip with probability 1/2, drawn from torch's global RNG in that order (the
+    draws torchvision's RandomCrop and RandomHorizontalFlip make). Evaluation (Resize +
+    CenterCrop): the centred crop, ``round((resized - crop) / 2)``, no flip.
+    """
+    resized_height, resized_width = resized_size(height, width, resize_size)
+    if not train:
+        top = int(round((resized_height - crop_size) / 2.0))
+        left = int(round((resized_width - crop_size) / 2.0))
+        return CropPlan(resized_height, resized_width, top, left, crop_size, False)
+    top = int(torch.randint(0, resized_height - crop_size + 1, size=())) if resized_height > crop_size else 0
+    left = int(torch.randint(0, resized_width - crop_size + 1, size=())) if resized_width > crop_size else 0
+    flip = bool(torch.rand(1) < 0.5)
+    return CropPlan(resized_height, resized_width, top, left, crop_size, flip)
+
+
+def crop_pil(image: Image.Image, plan: CropPlan) -> Tensor:
+    """The planned crop of an RGB PIL image: float32 (3, size, size) in [0, 1] (PIL's
+    antialiased bilinear resize, 8-bit, then / 255: torchvision's PIL pipeline)."""
+    resized = v2.functional.resize(image, [plan.resized_height, plan.resized_width], antialias=True)
+    cropped = v2.functional.crop(resized, plan.top, plan.left, plan.size, plan.size)
+    if plan.flip:
+        cropped = v2.functional.horizontal_flip(cropped)
+    pixels = v2.functional.to_image(cropped).as_subclass(Tensor)
+    return v2.functional.to_dtype(pixels, torch.float32, scale=True)
+
+
+def crop_tensor(image: Tensor, plan: CropPlan) -> Tensor:
+    """The planned crop of a decoded uint8 image (3, H, W) on any device: float32 (3, size, size)
+    in [0, 1] (torchvision's antialiased bilinear resize of uint8 tensors, rounded to 8 bits,
+    then / 255)."""
+    resized = v2.functional.resize(image, [plan.resized_height, plan.resized_width], antialias=True)
+    cropped = resized[:, plan.top : plan.top + plan.size, plan.left : plan.left + plan.size]
+    if plan.flip:
+        cropped = cropped.flip(-1)
+    return cropped.to(torch.float32).div_(255)
+
+
+class PlannedCrop:
+    """The training or evaluation transform: RGB PIL image -> float32 (3, crop, crop) in [0, 1]
+    (:func:`plan_crop`, then :func:`crop_pil`); randomness from torch's global RNG."""
+
+    def __init__(self, resize_size: int, crop_size: int, train: bool) -> None:
+        _check_sizes(resize_size, crop_size)
+        self.resize_size, self.crop_size, self.train = resize_size, crop_size, train
+
+    def plan(self, height: int, width: int) -> CropPlan:
+        """Draw the crop of an image of ``height`` x ``width`` pixels (see :func:`plan_crop`)."""
+        return plan_crop(height, width, self.resize_size, self.crop_size, self.train)
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        return crop_pil(image, self.plan(image.height, image.width))
+
+
+def train_transform(resize_size: int = 256, crop_size: int = 224) -> PlannedCrop:
     """Training transform: Resize(shorter side) -> RandomCrop -> RandomHorizontalFlip -> [0, 1].
 
     Takes an RGB PIL image of any size; returns a float32 tensor (3, crop_size, crop_size) with
     values in [0, 1] (uint8 / 255, no normalisation). Randomness comes from torch's global RNG.
     """
-    _check_sizes(resize_size, crop_size)
-    return v2.Compose(
-        [
-            v2.Resize(resize_size, antialias=True),
-            v2.RandomCrop(crop_size),
-            v2.RandomHorizontalFlip(),
-            *_to_float_tensor(),
-        ]
-    )
+    return PlannedCrop(resize_size, crop_size, train=True)
 
 
-def eval_transform(resize_size: int = 256, crop_size: int = 224) -> Callable[[Image.Image], Tensor]:
+def eval_transform(resize_size: int = 256, crop_size: int = 224) -> PlannedCrop:
     """Evaluation transform: Resize(shorter side) -> CenterCrop -> [0, 1]; deterministic.
 
     Takes an RGB PIL image of any size; returns a float32 tensor (3, crop_size, crop_size) with
     values in [0, 1] (uint8 / 255, no normalisation).
     """
-    _check_sizes(resize_size, crop_size)
-    return v2.Compose(
-        [v2.Resize(resize_size, antialias=True), v2.CenterCrop(crop_size), *_to_float_tensor()]
-    )
+    return PlannedCrop(resize_size, crop_size, train=False)
+
+
+def resolve_decode(mode: str) -> str:
+    """``"cpu"`` or ``"gpu"`` for a ``decode`` setting; ``"auto"`` is the GPU when CUDA is
+    available."""
+    if mode not in DECODE_MODES:
+        raise ValueError(f"data.decode must be one of {DECODE_MODES}, got {mode!r}")
+    if mode == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return mode
 
 
 # --------------------------------------------------------------------------------------------
@@ -526,6 +615,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         class_index_file: file of class names (see :func:`read_class_index`) defining labels.
         jpeg_draft: decode JPEGs at a reduced DCT scale before resizing (faster, pixel values
             differ slightly from the standard pipeline).
+        decode: ``"cpu"`` (PIL in the DataLoader workers), ``"gpu"`` (nvJPEG: the workers only
+            read the files; :mod:`ptame.data.gpu_decoding`) or ``"auto"`` (the GPU when CUDA is
+            available). Same crops either way.
     """
 
     has_masks: bool = False
@@ -553,6 +645,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         num_classes: int | None = None,
         class_index_file: str | os.PathLike[str] | None = None,
         jpeg_draft: bool = False,
+        decode: str = "cpu",
     ) -> None:
         super().__init__()
         _check_arguments(layout, val_size, test_size, batch_size, eval_batch_size, num_workers,
@@ -572,6 +665,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.expected_num_classes = num_classes
         self.class_index_file = class_index_file
         self.jpeg_draft = jpeg_draft
+        self.decode = resolve_decode(decode)
+        if self.decode == "gpu" and jpeg_draft:
+            raise ValueError("jpeg_draft applies to CPU decoding only; use decode=cpu with it")
         self._class_names: list[str] | None = None
         self._torchvision: dict[str, Any] = {}
         self.train_dataset: ImageSampleDataset | None = None
@@ -719,20 +815,37 @@ class ImageFolderDataModule(L.LightningDataModule):
         """Build the datasets a stage needs ("fit": train + val, "validate": val, "test": test,
         None: all); datasets already built are kept."""
         _ = self.class_names
-        draft = self.resize_size if self.jpeg_draft else None
         if stage in (None, "fit") and self.train_dataset is None:
             transform = train_transform(self.resize_size, self.crop_size)
-            self.train_dataset = ImageSampleDataset(self.train_samples(), transform, draft)
+            self.train_dataset = self._dataset(self.train_samples(), transform)
         if stage in (None, "fit", "validate", "test") and self.val_dataset is None:
             val, test = self.eval_samples()
             transform = eval_transform(self.resize_size, self.crop_size)
-            self.val_dataset = ImageSampleDataset(val, transform, draft)
-            self.test_dataset = ImageSampleDataset(test, transform, draft)
+            self.val_dataset = self._dataset(val, transform)
+            self.test_dataset = self._dataset(test, transform)
+
+    def _dataset(self, samples: list[Sample], transform: PlannedCrop) -> ImageSampleDataset:
+        if self.decode == "gpu":
+            from ptame.data.gpu_decoding import EncodedImageDataset
+
+            return EncodedImageDataset(samples, transform)
+        return ImageSampleDataset(samples, transform, self.resize_size if self.jpeg_draft else None)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With GPU decoding: decode and crop the batch on the trainer's device."""
+        if self.decode == "gpu" and self.trainer is not None:
+            from ptame.data.gpu_decoding import decode_on_device
+
+            return decode_on_device(batch, self.trainer.strategy.root_device)
+        return batch
 
     def _loader(self, dataset: ImageSampleDataset | None, stage: str, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"call setup({stage!r}) before requesting this dataloader")
         batch_size = self.batch_size if train else self.eval_batch_size
+        collate = None
+        if self.decode == "gpu":
+            from ptame.data.gpu_decoding import collate_encoded as collate
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -741,6 +854,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
+            collate_fn=collate,
         )
 
     def train_dataloader(self) -> DataLoader:

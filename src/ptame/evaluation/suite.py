@@ -9,7 +9,8 @@ everywhere else.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import lightning as L
@@ -18,6 +19,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from tqdm.auto import tqdm
 
+from ptame.data.gpu_decoding import decode_on_device
 from ptame.explainers.base import Explainer
 from ptame.metrics import (
     ROAD,
@@ -31,6 +33,32 @@ from ptame.networks.frozen import Backbone
 
 # Metrics that compare maps with ground-truth object masks.
 LOCALISATION_METRICS = ("pointing_game", "energy_pointing_game", "pointing_game_strict")
+PRECISIONS = ("float32", "bf16")
+
+
+@contextlib.contextmanager
+def metric_precision(device: torch.device | str, precision: str = "float32") -> Iterator[None]:
+    """The numerics of every forward pass of an evaluation (explainers and metrics).
+
+    ``"float32"`` (default): autocast off and TF32 off for matrix products and convolutions,
+    whatever the training precision, so that the same checkpoint gives the same figures on a CPU
+    and a GPU. ``"bf16"``: bfloat16 autocast (faster on GPUs; figures move, see the README).
+    The previous settings are restored on exit.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"metrics.precision must be one of {PRECISIONS}, got {precision!r}")
+    device_type = torch.device(device).type
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
 
 
 def build_metrics(
@@ -90,14 +118,19 @@ def evaluate_batch(
     suites: Mapping[str, Mapping[str, Metric]],
     batch: Mapping[str, Tensor],
     device: torch.device | str | None = None,
+    precision: str = "float32",
 ) -> None:
     """Explain one batch with every explainer (the backbone's predictions) and feed each map
-    stack into that explainer's suite. ``batch`` holds ``image`` (B, 3, H, W) in [0, 1],
-    ``index`` (B,) and, for localisation, ``mask`` (B, H, W); it is moved to ``device`` (None:
-    where the images are)."""
+    stack into that explainer's suite, under :func:`metric_precision`. ``batch`` holds ``image``
+    (B, 3, H, W) in [0, 1] (or the encoded files of GPU decoding, decoded here), ``index`` (B,)
+    and, for localisation, ``mask`` (B, H, W); it is moved to ``device`` (None: where the images
+    are)."""
+    if "image" not in batch:
+        batch = decode_on_device(batch, device if device is not None else "cpu")
     images = batch["image"] if device is None else batch["image"].to(device)
-    for name, explainer in explainers.items():
-        update_metrics(suites[name], images, explainer(images), batch)
+    with metric_precision(images.device, precision):
+        for name, explainer in explainers.items():
+            update_metrics(suites[name], images, explainer(images).float(), batch)
 
 
 def compute_metrics(metrics: Mapping[str, Metric]) -> tuple[dict[str, float], dict[str, list[float]]]:
@@ -128,6 +161,7 @@ def evaluate_explainers(
     device: torch.device | str,
     max_images: int | None = None,
     description: str = "evaluation",
+    precision: str = "float32",
 ) -> dict[str, dict[str, float]]:
     """Run every explainer over ``batches`` (at most ``max_images`` images) into its suite and
     return ``{name: figures}`` (:func:`compute_metrics`).
@@ -139,12 +173,14 @@ def evaluate_explainers(
         device: where explainers and metrics run.
         max_images: stop after this many images (None: all).
         description: the progress bar's label.
+        precision: see :func:`metric_precision`.
     """
     seen = 0
     for batch in tqdm(batches, desc=description, leave=False):
+        batch = decode_on_device(batch, device)
         if max_images is not None:
             batch = _first_images(batch, max_images - seen)
-        evaluate_batch(explainers, suites, batch, device)
+        evaluate_batch(explainers, suites, batch, device, precision)
         seen += batch["image"].shape[0]
         if max_images is not None and seen >= max_images:
             break
@@ -173,14 +209,19 @@ class ExplainerEvaluation(L.LightningModule):
         self.metric_suites = torch.nn.ModuleDict(
             {name: torch.nn.ModuleDict(build_metrics(backbone, settings, has_masks)) for name in explainers}
         )
+        self.precision = str(settings.get("precision", "float32"))
         self.results: dict[str, dict[str, float]] = {}
         self.curves: dict[str, dict[str, list[float]]] = {}
 
     def on_test_start(self) -> None:
         self.backbone.to(self.device)
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """GPU decoding (``data.decode=gpu``): decode and crop on this process's device."""
+        return decode_on_device(batch, self.device)
+
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        evaluate_batch(self.explainers, self.metric_suites, batch)
+        evaluate_batch(self.explainers, self.metric_suites, batch, precision=self.precision)
 
     def on_test_epoch_end(self) -> None:
         for name, suite in self.metric_suites.items():
@@ -190,7 +231,9 @@ class ExplainerEvaluation(L.LightningModule):
 
 
 def evaluate_costs(
-    explainers: Mapping[str, Explainer], images: Tensor, repeats: int = 3
+    explainers: Mapping[str, Explainer], images: Tensor, repeats: int = 5, precision: str = "float32"
 ) -> dict[str, dict[str, float]]:
-    """Measured forward passes, GFLOPs, ms/image and resolution per explainer on ``images``."""
-    return {name: measure_cost(explainer, images, repeats).as_dict() for name, explainer in explainers.items()}
+    """Measured forward passes, GFLOPs, ms/image and resolution per explainer on ``images`` (a
+    batch of the evaluation's size), under :func:`metric_precision`."""
+    with metric_precision(images.device, precision):
+        return {name: measure_cost(explainer, images, repeats).as_dict() for name, explainer in explainers.items()}

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ptame.explainers.base import Explainer
 from ptame.explainers.cam import TargetLayerMixin, gradient_enabled

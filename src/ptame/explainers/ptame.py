@@ -103,6 +103,7 @@ def load_explainer(
         auxiliary,
         input_size=saved["input_size"],
         activation=saved.get("activation", "relu"),
+        upsampling=saved.get("upsampling", "one_step"),  # checkpoints before it was stored: one step
     )
     verify_metadata(saved, model, strict_weights=strict_weights)
     model.attention.load_state_dict(attention_state(checkpoint))

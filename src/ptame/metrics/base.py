@@ -16,6 +16,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from ptame.metrics.ranking import rank_positions, ranking
+
 BackboneFn = Callable[[Tensor], Tensor]
 
 
@@ -36,28 +38,46 @@ def deduplicate(indices: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
     return indices[first], values[first]
 
 
-def top_fraction_mask(maps: Tensor, fraction: float) -> Tensor:
-    """Boolean mask of exactly round(fraction * H * W) highest-valued pixels per map.
+PIXEL_RULES = ("exact", "release")
 
-    Ties at the threshold are broken by pixel order (``torch.topk``), so never more than the
-    requested share of pixels is selected.
 
-    Args:
-        maps: (B, H, W) saliency.
-        fraction: share of pixels to select, in [0, 1].
-
-    Returns:
-        (B, H, W) bool.
-    """
+def pixel_count(fraction: float, pixels: int) -> int:
+    """round(fraction * pixels): the number of pixels a fraction selects (``"exact"`` rule)."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    return int(round(fraction * pixels))
+
+
+def top_pixels(maps: Tensor, fraction: float, indices: Tensor, seed: int) -> Tensor:
+    """(B, H, W) bool: exactly round(fraction * H * W) highest-valued pixels of each map.
+
+    Pixels of equal value are taken in the order of seeded per-image keys
+    (:func:`~ptame.metrics.ranking.ranking`), so ties are broken the same way for an image in any
+    batch, and distinct values are never reordered.
+    """
     batch, height, width = maps.shape
-    count = int(round(fraction * height * width))
-    flat = maps.reshape(batch, -1)
-    selected = torch.zeros_like(flat, dtype=torch.bool)
-    if count > 0:
-        selected.scatter_(1, flat.topk(count, dim=1).indices, True)
-    return selected.view(batch, height, width)
+    count = pixel_count(fraction, height * width)
+    positions = rank_positions(ranking(maps, indices, seed, descending=True))
+    return (positions < count).view(batch, height, width)
+
+
+def kth_value_threshold(maps: Tensor, fraction: float) -> Tensor:
+    """(B, 1) the k-th smallest value of each map, k = int(fraction * H * W) (at least 1): the
+    threshold of the authors' released evaluation (``torch.kthvalue``)."""
+    flat = maps.flatten(1)
+    k = max(1, int(flat.shape[1] * fraction))
+    return flat.kthvalue(k, dim=1, keepdim=True).values
+
+
+def release_kept_pixels(maps: Tensor, fraction: float) -> Tensor:
+    """(B, H, W) bool: the pixels the authors' released AD/IC keeps for ``fraction`` of a map.
+    Every pixel when the fraction is 1, else those strictly above the k-th smallest value,
+    k = int(H W (1 - fraction)): H W - k pixels when the values are distinct (615 of 4096 at
+    15 %, where round(0.15 x 4096) = 614), fewer when pixels tie with the threshold."""
+    if fraction >= 1.0:
+        return torch.ones_like(maps, dtype=torch.bool)
+    threshold = kth_value_threshold(maps, 1.0 - fraction)
+    return (maps.flatten(1) > threshold).view_as(maps)
 
 
 def check_batch(images: Tensor, maps: Tensor, indices: Tensor | None, who: str) -> Tensor:

@@ -7,7 +7,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ptame.metrics.base import BackboneFn, PerImageMetric, check_batch, top_fraction_mask
+from ptame.metrics.base import (
+    PIXEL_RULES,
+    BackboneFn,
+    PerImageMetric,
+    check_batch,
+    release_kept_pixels,
+    top_pixels,
+)
 
 
 def _format_threshold(value: float) -> str:
@@ -20,26 +27,44 @@ class AverageDropIncrease(PerImageMetric):
     p = softmax(f(x))[c*] on the [0, 1] image, c* = argmax f(x); p_m = softmax(f(x * M_v))[c*]
     where M_v keeps the top v% pixels of the map, with their map values (``soft=True``, as the
     authors' release does) or as ones (``soft=False``), and zeroes the others (black pixels).
-    Exactly round(v% * H * W) pixels are kept, whatever the ties. Averaged per image.
+    Averaged per image.
+
+    Which pixels are kept (``pixels``): ``"exact"``: exactly round(v% * H * W) highest pixels,
+    ties broken by seeded per-image keys (:func:`~ptame.metrics.base.top_pixels`);
+    ``"release"``: the authors' released rule, every pixel strictly above the k-th smallest value,
+    k = int(H W (1 - v%)) (:func:`~ptame.metrics.base.release_kept_pixels`).
 
     Args:
         backbone: frozen classifier taking [0, 1] images (normalises inside).
         thresholds: v values in percent.
         soft: keep map values (True) or a binary mask (False).
+        pixels: ``"exact"`` or ``"release"``.
+        seed: seed of the tie-breaking keys (``"exact"``).
     """
 
     higher_is_better = None
     directions = {"AD@": "min", "IC@": "max"}
 
     def __init__(
-        self, backbone: BackboneFn, thresholds: Sequence[float] = (100, 50, 15), soft: bool = True, **kwargs
+        self, backbone: BackboneFn, thresholds: Sequence[float] = (100, 50, 15), soft: bool = True,
+        pixels: str = "exact", seed: int = 0, **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         if not thresholds or any(not 0 < v <= 100 for v in thresholds):
             raise ValueError(f"AD/IC thresholds must be percentages in (0, 100], got {list(thresholds)}")
+        if pixels not in PIXEL_RULES:
+            raise ValueError(f"AD/IC pixels must be one of {PIXEL_RULES}, got {pixels!r}")
         self.__dict__["backbone"] = backbone  # not a submodule: no weights in the metric state
         self.thresholds = [float(v) for v in thresholds]
         self.soft = bool(soft)
+        self.pixels = pixels
+        self.seed = int(seed)
+
+    def kept(self, maps: Tensor, fraction: float, indices: Tensor) -> Tensor:
+        """(B, H, W) bool: the pixels kept for ``fraction`` of each map (see ``pixels``)."""
+        if self.pixels == "release":
+            return release_kept_pixels(maps, fraction)
+        return top_pixels(maps, fraction, indices, self.seed)
 
     @torch.no_grad()
     def update(self, images: Tensor, maps: Tensor, indices: Tensor | None = None) -> None:
@@ -50,7 +75,7 @@ class AverageDropIncrease(PerImageMetric):
         original = probabilities.gather(1, predictions).squeeze(1)
         columns = []
         for threshold in self.thresholds:
-            keep = top_fraction_mask(maps, threshold / 100)
+            keep = self.kept(maps, threshold / 100, indices)
             mask = torch.where(keep, maps, torch.zeros_like(maps)) if self.soft else keep.to(maps.dtype)
             masked = self.backbone(images * mask.unsqueeze(1).to(images.dtype)).float().softmax(dim=1)
             after = masked.gather(1, predictions).squeeze(1)

@@ -55,32 +55,46 @@ def _synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_cost(explainer: nn.Module, images: Tensor, repeats: int = 1) -> ExplainerCost:
+def measure_cost(
+    explainer: nn.Module, images: Tensor, repeats: int = 5, warmup: int = 2, budget_seconds: float = 20.0
+) -> ExplainerCost:
     """Measure an explainer explaining the backbone's predictions for ``images`` (B, 3, H, W).
 
     Forward passes = images seen by the explainer's backbone / images explained (the backbone
     call that finds the prediction counts). GFLOPs by ``torch.utils.flop_counter`` over the whole
     explanation (backbone, auxiliary, explainer), per image. Milliseconds: median of ``repeats``
-    timed runs after one untimed warm-up, per image. R: the explainer's ``resolution`` attribute
-    (h * w before upsampling) or H * W when it has none.
+    timed runs after ``warmup`` untimed ones (besides the FLOP count's: on GPUs the first calls
+    at a new shape autotune kernels), synchronised on CUDA, per image; measure on a batch of the
+    evaluation's size so that the figure is the method's cost, not launch latency. An explainer
+    whose FLOP-counting run alone would make the timing exceed ``budget_seconds`` is timed once,
+    without warm-up. R: the explainer's ``resolution`` attribute (h * w before upsampling) or
+    H * W when it has none.
     """
     batch = images.shape[0]
     backbone = getattr(explainer, "backbone", None)
     counter = _ForwardCounter(backbone) if isinstance(backbone, nn.Module) else None
     try:
+        started = time.perf_counter()
         with torch.no_grad(), FlopCounterMode(display=False) as flops:
             explainer(images)
+        _synchronise(images.device)
+        first = time.perf_counter() - started
         passes = counter.images / batch if counter is not None else float("nan")
     finally:
         if counter is not None:
             counter.close()
+    if first * (warmup + repeats) > budget_seconds:
+        warmup, repeats = 0, 1
     timings = []
-    for _ in range(max(1, repeats)):
-        _synchronise(images.device)
-        start = time.perf_counter()
-        explainer(images)
-        _synchronise(images.device)
-        timings.append(time.perf_counter() - start)
+    with torch.no_grad():
+        for _ in range(warmup):
+            explainer(images)
+        for _ in range(max(1, repeats)):
+            _synchronise(images.device)
+            start = time.perf_counter()
+            explainer(images)
+            _synchronise(images.device)
+            timings.append(time.perf_counter() - start)
     timings.sort()
     resolution = getattr(explainer, "resolution", None) or images.shape[-2] * images.shape[-1]
     return ExplainerCost(

@@ -19,7 +19,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
 from ptame.metrics.base import BackboneFn, PerImageMetric, check_batch
-from ptame.metrics.ranking import jittered
+from ptame.metrics.ranking import ranking
 
 MODES = ("insertion", "deletion")
 
@@ -40,7 +40,8 @@ class InsertionDeletion(PerImageMetric):
         backbone: frozen classifier taking [0, 1] images.
         steps: number of equal steps from 0% to 100% of the pixels (the curve has steps+1 points).
         insertion_substrate, deletion_substrate: ``"blur"`` or ``"zero"``.
-        seed: seeds the tie-breaking jitter per image (via its dataset index).
+        seed: seeds the tie-breaking keys per image (via its dataset index): only pixels of
+            equal value are ordered by them.
         chunk_size: images per backbone call.
     """
 
@@ -92,7 +93,7 @@ class InsertionDeletion(PerImageMetric):
         """images (B, 3, H, W) in [0, 1]; maps (B, H, W); indices (B,) dataset indices."""
         indices = check_batch(images, maps, indices, "InsertionDeletion")
         targets = self.backbone(images).argmax(dim=1)
-        order = jittered(maps, indices, self.seed).flatten(1).argsort(dim=1, descending=True)
+        order = ranking(maps, indices, self.seed, descending=True)
         insertion = self._curve(images, order, substrate(images, self.substrates["insertion"]), images, targets)
         deletion = self._curve(images, order, images, substrate(images, self.substrates["deletion"]), targets)
         self._record(indices, torch.stack([insertion, deletion], dim=1))

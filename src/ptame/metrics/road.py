@@ -18,9 +18,16 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ptame.metrics.base import BackboneFn, PerImageMetric, check_batch, top_fraction_mask
+from ptame.metrics.base import (
+    PIXEL_RULES,
+    BackboneFn,
+    PerImageMetric,
+    check_batch,
+    kth_value_threshold,
+    pixel_count,
+)
 from ptame.metrics.imputation import IMPUTERS
-from ptame.metrics.ranking import jittered, per_image_normal
+from ptame.metrics.ranking import per_image_normal, rank_positions, ranking
 
 ORDERS = ("MoRF", "LeRF")
 
@@ -56,8 +63,10 @@ class ROAD(PerImageMetric):
             ``"zero"``, or a callable ``(images, keep) -> images``.
         noise_std: std of the Gaussian noise added to imputed pixels (noisy linear only).
         auc: AUC convention, ``"normalised"`` or ``"padded"``.
-        seed: seeds the tie-breaking jitter and the noise, per image via its dataset index.
+        seed: seeds the tie-breaking keys and the noise, per image via its dataset index.
         chunk_size: imputed images per backbone call (memory bound).
+        pixels: which pixels a percentage removes, ``"exact"`` or ``"release"`` (see
+            :meth:`removal_masks`).
     """
 
     higher_is_better = None
@@ -76,9 +85,12 @@ class ROAD(PerImageMetric):
         auc: str = "normalised",
         seed: int = 0,
         chunk_size: int = 128,
+        pixels: str = "exact",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if pixels not in PIXEL_RULES:
+            raise ValueError(f"ROAD pixels must be one of {PIXEL_RULES}, got {pixels!r}")
         percentages = [float(p) for p in percentages]
         if not percentages or sorted(percentages) != percentages or not all(0 < p < 100 for p in percentages):
             raise ValueError(f"ROAD percentages must be ascending, in (0, 100), got {percentages}")
@@ -93,19 +105,36 @@ class ROAD(PerImageMetric):
         self.auc = auc
         self.seed = int(seed)
         self.chunk_size = int(chunk_size)
+        self.pixels = pixels
 
     def removal_masks(self, maps: Tensor, indices: Tensor) -> Tensor:
-        """keep masks (B, 2, P, H, W): False = removed, for MoRF then LeRF, per percentage."""
-        ranked = jittered(maps, indices, self.seed)
-        masks = []
-        for scores in (ranked, -ranked):  # MoRF removes the highest, LeRF the lowest
-            masks.append(torch.stack([~top_fraction_mask(scores, p / 100) for p in self.percentages], dim=1))
-        return torch.stack(masks, dim=1)
+        """keep masks (B, 2, P, H, W): False = removed, for MoRF then LeRF, per percentage.
+
+        ``"exact"``: round(p% H W) pixels, the highest (MoRF) or the lowest (LeRF) of the map,
+        ties broken by seeded per-image keys. ``"release"``: the authors' released rule: MoRF
+        removes every pixel >= the k-th smallest value with k = int(H W (1 - p%)), LeRF every
+        pixel <= the k-th smallest value with k = int(H W p%) (floor(H W p%) pixels for LeRF
+        when the values are distinct, ceil + 1 for MoRF).
+        """
+        batch, height, width = maps.shape
+        flat = maps.flatten(1)
+        if self.pixels == "release":
+            morf = [flat < kth_value_threshold(maps, 1 - p / 100) for p in self.percentages]
+            lerf = [flat > kth_value_threshold(maps, p / 100) for p in self.percentages]
+        else:
+            positions = rank_positions(ranking(maps, indices, self.seed, descending=True))
+            pixels = height * width
+            counts = [pixel_count(p / 100, pixels) for p in self.percentages]
+            morf = [positions >= count for count in counts]  # the highest are removed
+            lerf = [positions < pixels - count for count in counts]  # the lowest are removed
+        keep = torch.stack([torch.stack(morf, dim=1), torch.stack(lerf, dim=1)], dim=1)
+        return keep.view(batch, 2, len(self.percentages), height, width)
 
     def _imputed(self, images: Tensor, keep: Tensor, indices: Tensor) -> Tensor:
         imputed = self.impute(images, keep)
         if self.imputer_name == "noisy_linear" and self.noise_std > 0:
-            noise = per_image_normal(indices, tuple(images.shape[1:]), self.seed + 1, images.device)
+            # counter-based noise on the images' device: the same for an image in any batch
+            noise = per_image_normal(indices, tuple(images.shape[1:]), self.seed, stream=1)
             imputed = torch.where(keep.unsqueeze(1), imputed, imputed + self.noise_std * noise.to(imputed.dtype))
         return imputed
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from ptame.data.gpu_decoding import decode_on_device
 from ptame.evaluation.contributions import contribution_figures, format_layer_contributions
 from ptame.evaluation.figures import explanation_grid, plot_road_curves
 from ptame.evaluation.mprt import format_mprt, plot_mprt, run_mprt
@@ -71,7 +72,8 @@ def test_loader(datamodule: Any, max_images: int | None) -> DataLoader:
     dataset = loader.dataset
     if max_images is not None:
         dataset = Subset(dataset, range(min(int(max_images), len(dataset))))
-    return DataLoader(dataset, batch_size=loader.batch_size, num_workers=loader.num_workers, shuffle=False)
+    return DataLoader(dataset, batch_size=loader.batch_size, num_workers=loader.num_workers,
+                      shuffle=False, collate_fn=loader.collate_fn)
 
 
 def run_evaluation(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, float]]:
@@ -103,9 +105,11 @@ def run_evaluation(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, 
     if not trainer.is_global_zero:
         return module.results
     results = {name: dict(figures) for name, figures in module.results.items()}
-    if int(cfg.get("cost_images", 0)) > 0:
-        images = next(iter(loader))["image"][: int(cfg.cost_images)].to(module.device)
-        for name, cost in evaluate_costs(explainers, images).items():
+    cost_images = cfg.get("cost_images", None)
+    if cost_images is None or int(cost_images) > 0:  # null: one evaluation batch
+        images = decode_on_device(next(iter(loader)), module.device)["image"]
+        images = images[: int(cost_images)] if cost_images is not None else images
+        for name, cost in evaluate_costs(explainers, images.to(module.device), precision=module.precision).items():
             results[name].update(cost)
     contributions = contribution_figures(explainers)  # Table 2's layer contributions
     for name, shares in contributions.items():
@@ -130,7 +134,7 @@ def first_images(batches: Iterable[Mapping[str, Tensor]], count: int) -> Tensor:
     """The first ``count`` images (N, 3, H, W) of a dataloader (fewer if it has fewer)."""
     pieces, seen = [], 0
     for batch in batches:
-        pieces.append(batch["image"][: count - seen])
+        pieces.append(decode_on_device(batch, "cpu")["image"][: count - seen].cpu())
         seen += pieces[-1].shape[0]
         if seen >= count:
             break

@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from ptame.data.gpu_decoding import decode_on_device
 from ptame.evaluation.figures import overlay_grid
 from ptame.evaluation.suite import build_metrics, evaluate_explainers
 from ptame.evaluation.tables import format_localisation_table
@@ -112,7 +113,7 @@ def run_final_evaluation(
         print(f"\nLocalisation on held-out images (explaining the backbone's prediction):\n{table}\n")
     count = int(settings.get("overlay_images", 8))
     if count > 0:
-        batch = next(iter(datamodule.test_dataloader()))
+        batch = decode_on_device(next(iter(datamodule.test_dataloader())), device)
         images = batch["image"][:count].to(device)
         with torch.no_grad():
             predictions = module.ptame.backbone(images).argmax(dim=1)

@@ -29,6 +29,7 @@ __all__ = [
     "noisy_linear_exact",
     "noisy_linear_imputation",
     "telea_imputation",
+    "telea_release_imputation",
     "zero_imputation",
 ]
 
@@ -46,19 +47,30 @@ def mean_imputation(images: Tensor, keep: Tensor) -> Tensor:
     return torch.where(keep.unsqueeze(1), images, mean.expand_as(images))
 
 
-def telea_imputation(images: Tensor, keep: Tensor, radius: int = 3) -> Tensor:
-    """OpenCV Telea inpainting (the release's default), per image on the CPU, 8-bit."""
+def telea_imputation(images: Tensor, keep: Tensor, radius: int = 3, release: bool = False) -> Tensor:
+    """OpenCV Telea inpainting (radius 3: the release's default), per image on the CPU, 8-bit.
+
+    The image is rounded to 8 bits for OpenCV and only the removed pixels take inpainted values.
+    With ``release``, as the authors' released code does: the image is truncated to 8 bits
+    (``astype(uint8)``) and every pixel comes back from the 8-bit inpainted image.
+    """
     import cv2
     import numpy as np
 
     results = []
     for image, kept in zip(images, keep, strict=True):
-        pixels = (image.detach().permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        scaled = image.detach().permute(1, 2, 0).clamp(0, 1).cpu().numpy().astype(np.float32) * 255
+        pixels = scaled.astype(np.uint8) if release else scaled.round().astype(np.uint8)
         holes = (~kept).cpu().numpy().astype(np.uint8)
         filled = cv2.inpaint(np.ascontiguousarray(pixels), holes, radius, cv2.INPAINT_TELEA)
         filled_tensor = torch.from_numpy(filled).permute(2, 0, 1).to(images.dtype) / 255
-        results.append(torch.where(kept.cpu().unsqueeze(0), image.cpu(), filled_tensor))
+        results.append(filled_tensor if release else torch.where(kept.cpu().unsqueeze(0), image.cpu(), filled_tensor))
     return torch.stack(results).to(images.device)
+
+
+def telea_release_imputation(images: Tensor, keep: Tensor) -> Tensor:
+    """:func:`telea_imputation` exactly as the authors' release runs it (``release=True``)."""
+    return telea_imputation(images, keep, release=True)
 
 
 def noisy_linear_exact(images: Tensor, keep: Tensor) -> Tensor:
@@ -69,6 +81,7 @@ def noisy_linear_exact(images: Tensor, keep: Tensor) -> Tensor:
 IMPUTERS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "noisy_linear": noisy_linear_exact,
     "telea": telea_imputation,
+    "telea_release": telea_release_imputation,
     "mean": mean_imputation,
     "zero": zero_imputation,
 }

@@ -1,0 +1,123 @@
+"""Decoding ImageFolder JPEGs on the GPU (nvJPEG through torchvision), with the crops of the CPU
+pipeline.
+
+With ``decode="gpu"`` the DataLoader workers only read each file and its header: they draw the
+image's crop (:func:`~ptame.data.imagefolder.plan_crop`, the same draws as the CPU pipeline) and
+pass the encoded bytes on. :func:`decode_on_device` then decodes a whole batch in one call
+(``torchvision.io.decode_jpeg(..., device="cuda")``: the hardware JPEG decoder of A100 / H100 /
+H200 GPUs for baseline JPEGs, nvJPEG's CUDA decoder for the others) and applies each crop on the
+GPU (:func:`~ptame.data.imagefolder.crop_tensor`). Files that nvJPEG cannot turn into the
+expected RGB image (greyscale, CMYK or palette JPEGs, PNGs under a ``.JPEG`` name: ImageNet has
+a few dozen) are decoded and cropped by PIL in the worker, as in the CPU pipeline.
+
+The two paths give the same crop of the same file for the same seed; the pixel values differ by
+the decoders (libjpeg-turbo and nvJPEG round the IDCT and the chroma upsampling differently) and
+the resizers (PIL's and torchvision's antialiased bilinear filters), by a few 8-bit levels at
+most (measured in the tests and the input-pipeline benchmark).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ptame.data.imagefolder import (
+    CropPlan,
+    ImageReadError,
+    ImageSampleDataset,
+    PlannedCrop,
+    crop_tensor,
+    load_rgb_image,
+)
+
+def gpu_decodable(header: Image.Image) -> bool:
+    """Whether nvJPEG decodes this file to the RGB image PIL gives: a colour (YCbCr) JPEG."""
+    return header.format == "JPEG" and header.mode == "RGB"
+
+
+class EncodedImageDataset(ImageSampleDataset):
+    """:class:`~ptame.data.imagefolder.ImageSampleDataset` whose items carry the encoded file.
+
+    Item ``i`` is ``{"encoded": uint8 (file bytes), "plan": (6,) int64 crop plan, "label",
+    "index", "path"}``, or, for files nvJPEG cannot decode to RGB, ``{"image": float32
+    (3, crop, crop) in [0, 1], "label", "index", "path"}`` decoded by PIL. Batch them with
+    :func:`collate_encoded` and decode with :func:`decode_on_device`.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: PlannedCrop) -> None:
+        if not isinstance(transform, PlannedCrop):
+            raise TypeError("EncodedImageDataset needs a PlannedCrop transform (train_transform / eval_transform)")
+        super().__init__(samples, transform)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = self._check_index(index)
+        path = self._paths[index]
+        item: dict[str, Any] = {
+            "label": torch.tensor(int(self._labels[index]), dtype=torch.int64),
+            "index": torch.tensor(index, dtype=torch.int64),
+            "path": path,
+        }
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+            with Image.open(io.BytesIO(data)) as header:  # reads the header only
+                decodable, height, width = gpu_decodable(header), header.height, header.width
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            raise ImageReadError(f"cannot read image file {os.fspath(path)!r}: {err}") from err
+        if decodable and data:
+            item["encoded"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            item["plan"] = self.transform.plan(height, width).as_tensor()
+        else:
+            item["image"] = self.transform(load_rgb_image(path))
+        return item
+
+
+def collate_encoded(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """A batch of :class:`EncodedImageDataset` items: ``encoded`` (list of the P files to decode),
+    ``plans`` (P, 6), ``decoded`` (list of the B - P images PIL decoded), ``order`` (B,) bool:
+    True where the next encoded file goes, False where the next decoded image goes; ``label``,
+    ``index`` (B,) and ``path`` (list)."""
+    encoded = [item for item in items if "encoded" in item]
+    return {
+        "encoded": [item["encoded"] for item in encoded],
+        "plans": torch.stack([item["plan"] for item in encoded]) if encoded else torch.zeros((0, 6), dtype=torch.int64),
+        "decoded": [item["image"] for item in items if "encoded" not in item],
+        "order": torch.tensor(["encoded" in item for item in items], dtype=torch.bool),
+        "label": torch.stack([item["label"] for item in items]),
+        "index": torch.stack([item["index"] for item in items]),
+        "path": [item["path"] for item in items],
+    }
+
+
+def decode_on_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """Decode and crop a :func:`collate_encoded` batch on ``device``: the batch with ``image``
+    (B, 3, crop, crop) float32 in [0, 1] on ``device`` in place of the encoded files. Batches that
+    already hold ``image`` are returned as they are.
+
+    On CUDA all files are decoded by one ``torchvision.io.decode_jpeg`` call; elsewhere one by
+    one (torchvision's libjpeg-turbo). No host synchronisation: the images are stacked in batch
+    order from the per-item crops.
+    """
+    if "image" in batch:
+        return batch
+    device = torch.device(device)
+    batch = dict(batch)
+    encoded, plans = batch.pop("encoded"), batch.pop("plans")
+    decoded, order = iter(batch.pop("decoded")), batch.pop("order").tolist()
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not encoded:
+        pixels = []
+    elif device.type == "cuda":
+        pixels = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    else:
+        pixels = [decode_jpeg(data, mode=ImageReadMode.RGB) for data in encoded]
+    crops = iter([crop_tensor(image, CropPlan.from_tensor(plan)) for image, plan in zip(pixels, plans)])
+    images = [next(crops) if from_file else next(decoded).to(device, non_blocking=True) for from_file in order]
+    batch["image"] = torch.stack(images)
+    return batch

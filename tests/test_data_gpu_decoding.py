@@ -1,0 +1,129 @@
+"""GPU decoding of ImageFolder JPEGs: the same crops as the CPU pipeline for the same seed and
+file, fallbacks for files nvJPEG cannot decode to RGB, batches in the loader's order. Run on the
+CPU here (torchvision's decoder stands in for nvJPEG); the GPU figures are in the benchmark."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ptame.data.gpu_decoding import EncodedImageDataset, collate_encoded, decode_on_device
+from ptame.data.imagefolder import (
+    ImageFolderDataModule,
+    ImageSampleDataset,
+    eval_transform,
+    plan_crop,
+    resolve_decode,
+    train_transform,
+)
+
+
+def photo(height: int, width: int, seed: int) -> np.ndarray:
+    """A smooth, textured 8-bit RGB image: gradients (any wrong crop offset shows) plus noise."""
+    y, x = np.mgrid[0:height, 0:width]
+    image = np.stack([x * 255 / width, y * 255 / height, 128 + 60 * np.sin(x / 17 + y / 23)], -1)
+    noise = np.random.default_rng(seed).normal(0, 8, image.shape)
+    return np.clip(image + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("jpegs")
+    paths = {}
+    for index, (height, width) in enumerate([(375, 500), (500, 333), (256, 256), (600, 400)]):
+        path = folder / f"colour{index}.JPEG"
+        Image.fromarray(photo(height, width, index)).save(path, quality=90)
+        paths[f"colour{index}"] = str(path)
+    base = Image.fromarray(photo(300, 400, 9))
+    for name, image, kind in [("cmyk", base.convert("CMYK"), "JPEG"), ("grey", base.convert("L"), "JPEG"),
+                              ("png", base, "PNG")]:
+        path = folder / f"{name}.JPEG"  # ImageNet has such files under .JPEG names
+        image.save(path, format=kind)
+        paths[name] = str(path)
+    return paths
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_both_decoding_paths_give_the_same_crops_for_the_same_seed(files, train):
+    samples = [(path, 0) for path in files.values()]
+    transform = train_transform() if train else eval_transform()
+    cpu, encoded = ImageSampleDataset(samples, transform), EncodedImageDataset(samples, transform)
+    for index, name in enumerate(files):
+        torch.manual_seed(index)
+        expected = cpu[index]["image"]
+        torch.manual_seed(index)
+        item = encoded[index]
+        assert ("encoded" in item) == name.startswith("colour"), name
+        image = decode_on_device(collate_encoded([item]), "cpu")["image"][0]
+        difference = (image - expected).abs() * 255
+        # measured: at most 1 level of 255 (torchvision's and PIL's resize round differently),
+        # 0.003 on average; a crop one pixel off gives tens of levels on these gradients
+        assert difference.max() <= 1.001 and difference.mean() < 0.01, (name, difference.max())
+
+
+def test_a_batch_keeps_the_loaders_order_with_fallbacks_in_between(files):
+    samples = [(path, label) for label, path in enumerate(files.values())]
+    dataset = EncodedImageDataset(samples, eval_transform(64, 48))
+    items = [dataset[i] for i in range(len(samples))]
+    batch = collate_encoded(items)
+    assert batch["order"].tolist() == [True] * 4 + [False] * 3 and len(batch["encoded"]) == 4
+    decoded = decode_on_device(batch, "cpu")
+    assert decoded["image"].shape == (7, 3, 48, 48) and "encoded" not in decoded
+    assert decoded["label"].tolist() == list(range(7))
+    reference = ImageSampleDataset(samples, eval_transform(64, 48))
+    for index in range(7):
+        assert (decoded["image"][index] - reference[index]["image"]).abs().max() * 255 <= 1.001
+
+
+def test_a_gpu_decoding_datamodule_batches_encoded_files(tmp_path, files):
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for index in range(3):
+                Image.fromarray(photo(80, 100, index)).save(folder / f"{index}.JPEG")
+    module = ImageFolderDataModule(tmp_path, val_size=2, test_size=2, resize_size=64, crop_size=56,
+                                   batch_size=4, eval_batch_size=2, num_workers=0, pin_memory=False,
+                                   decode="gpu")
+    module.setup("fit")
+    batch = next(iter(module.train_dataloader()))
+    assert len(batch["encoded"]) == 4 and batch["plans"].shape == (4, 6)
+    images = decode_on_device(batch, "cpu")["image"]
+    assert images.shape == (4, 3, 56, 56) and 0 <= images.min() and images.max() <= 1
+
+
+def test_crop_plans_follow_resize_and_crop_rules():
+    plan = plan_crop(375, 500, 256, 224, train=False)
+    assert (plan.resized_height, plan.resized_width, plan.top, plan.left, plan.flip) == (256, 341, 16, 58, False)
+    torch.manual_seed(0)
+    plans = [plan_crop(500, 333, 256, 224, train=True) for _ in range(200)]
+    assert {p.resized_height for p in plans} == {384} and {p.resized_width for p in plans} == {256}
+    assert max(p.top for p in plans) <= 384 - 224 and max(p.left for p in plans) <= 256 - 224
+    assert 60 < sum(p.flip for p in plans) < 140
+
+
+def test_decode_setting_is_checked():
+    assert resolve_decode("cpu") == "cpu" and resolve_decode("gpu") == "gpu"
+    assert resolve_decode("auto") == ("gpu" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="data.decode must be one of"):
+        resolve_decode("nvjpeg")
+    with pytest.raises(ValueError, match="jpeg_draft applies to CPU decoding only"):
+        ImageFolderDataModule("/nowhere", decode="gpu", jpeg_draft=True)
+
+
+@pytest.mark.gpu
+def test_nvjpeg_crops_match_the_cpu_pipeline_within_decoder_differences(files):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    samples = [(path, 0) for path in files.values()]
+    cpu, encoded = ImageSampleDataset(samples, train_transform()), EncodedImageDataset(samples, train_transform())
+    for index in range(len(samples)):
+        torch.manual_seed(index)
+        expected = cpu[index]["image"]
+        torch.manual_seed(index)
+        image = decode_on_device(collate_encoded([encoded[index]]), "cuda")["image"][0].cpu()
+        difference = (image - expected).abs() * 255
+        assert difference.mean() < 2.0 and difference.max() < 40, (index, difference.max())
