@@ -4,7 +4,6 @@ CPU here (torchvision's decoder stands in for nvJPEG); the GPU figures are in th
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -93,6 +92,35 @@ def test_a_gpu_decoding_datamodule_batches_encoded_files(tmp_path, files):
     assert len(batch["encoded"]) == 4 and batch["plans"].shape == (4, 6)
     images = decode_on_device(batch, "cpu")["image"]
     assert images.shape == (4, 3, 56, 56) and 0 <= images.min() and images.max() <= 1
+
+
+def test_the_evaluation_loop_gives_the_cpu_pipelines_figures_on_encoded_batches(tmp_path):
+    """evaluate_explainers over a decode="gpu" loader (decoded by the loop) against the same
+    images through the CPU pipeline: AD/IC within what 1/255 pixel differences move."""
+    from ptame.evaluation.suite import build_metrics, evaluate_explainers
+    from ptame.explainers.baselines import CentreGaussianExplainer
+
+    from .helpers.networks import make_backbone
+
+    for label in ("a", "b"):
+        for split in ("train", "val"):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for index in range(4):
+                Image.fromarray(photo(90, 120, index + 10 * (label == "b"))).save(folder / f"{index}.JPEG")
+    backbone = make_backbone()
+    settings = {"adic": {"thresholds": [100, 50]}, "localisation": False}
+    figures = {}
+    for decode in ("cpu", "gpu"):
+        module = ImageFolderDataModule(tmp_path, val_size=2, test_size=6, resize_size=64, crop_size=56,
+                                       eval_batch_size=4, num_workers=0, pin_memory=False, decode=decode)
+        module.setup("test")
+        suites = {"centre": build_metrics(backbone, settings, has_masks=False)}
+        explainers = {"centre": CentreGaussianExplainer(backbone)}
+        figures[decode] = evaluate_explainers(explainers, suites, module.test_dataloader(), "cpu")["centre"]
+    assert figures["cpu"].keys() == figures["gpu"].keys()
+    for key, value in figures["cpu"].items():
+        assert figures["gpu"][key] == pytest.approx(value, abs=0.01), key
 
 
 def test_crop_plans_follow_resize_and_crop_rules():

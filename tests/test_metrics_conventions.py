@@ -1,6 +1,6 @@
 """Conventions that change published numbers, each pinned by a hand computation and by the public
-implementation it comes from: rankings that only break ties; the release's pixel counts; the
-devices' float32 numerics."""
+implementation it comes from: rankings that only break ties (RISE's evaluation code) and the
+release's pixel counts (the authors' released thresholding code)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ptame.metrics import ROAD, AverageDropIncrease
+from ptame.metrics import ROAD, AverageDropIncrease, InsertionDeletion
 from ptame.metrics.base import pixel_count, release_kept_pixels, top_pixels
 from ptame.metrics.ranking import per_image_normal, per_image_uniform, rank_positions, ranking
+from ptame.networks import Backbone
 
 # Fixed 64 x 64 maps: distinct values, and runs of 16 equal values.
 DISTINCT = (torch.randperm(4096, generator=torch.Generator().manual_seed(0)).float() / 4096).view(1, 64, 64)
@@ -106,3 +107,47 @@ def test_counter_based_numbers_depend_on_the_image_not_the_batch():
     uniform = per_image_uniform(torch.arange(16), (1000,), seed=0)
     assert 0 <= float(uniform.min()) and float(uniform.max()) < 1 and abs(float(uniform.mean()) - 0.5) < 0.01
     assert torch.equal(rank_positions(torch.tensor([[2, 0, 1]])), torch.tensor([[1, 2, 0]]))
+
+
+# RISE's own insertion / deletion (eclique/RISE d91ea00, evaluation.py: CausalMetric.single_run
+# with step = 224 * 224 // 16 and substrate_fn = torch.zeros_like, scores of a model ending in a
+# softmax, auc()), run on CPU (Tensor.cuda patched to the identity) on rise_parity_inputs() and
+# pixel_classifier() below. Its ranking is np.flip(np.argsort(map)): exact on distinct values.
+RISE_DELETION_AUC = 0.3780600769969169
+RISE_INSERTION_AUC = 0.699831695004832
+
+
+def rise_parity_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """A smooth 224 px image and a sigmoid map of distinct values, 60 % of them below 1e-6."""
+    generator = torch.Generator().manual_seed(11)
+    coarse = torch.rand(1, 3, 8, 8, generator=generator)
+    image = torch.nn.functional.interpolate(coarse, size=(224, 224), mode="bilinear", align_corners=False)
+    scores = torch.linspace(-40.0, 4.0, 224 * 224)[torch.randperm(224 * 224, generator=generator)]
+    return image, torch.sigmoid(scores).view(1, 224, 224)
+
+
+def pixel_classifier() -> Backbone:
+    """A linear classifier of the raw pixels: its confidence depends on which pixels are removed."""
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(3 * 224 * 224, 5)
+    with torch.no_grad():
+        linear.weight.mul_(20.0)
+    return Backbone(torch.nn.Sequential(torch.nn.Flatten(), linear), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), name="pixels")
+
+
+def test_insertion_deletion_rank_exactly_as_rises_evaluation_code():
+    image, saliency = rise_parity_inputs()
+    assert saliency.flatten().unique().numel() == 224 * 224 and float((saliency < 1e-6).float().mean()) > 0.5
+    backbone = pixel_classifier()
+
+    def aucs(maps: torch.Tensor) -> dict[str, float]:
+        metric = InsertionDeletion(backbone, steps=16, insertion_substrate="zero", deletion_substrate="zero")
+        metric.update(image, maps, torch.tensor([0]))
+        return {key: float(value) for key, value in metric.compute().items()}
+
+    exact = aucs(saliency)
+    assert exact["deletion_AUC"] == pytest.approx(RISE_DELETION_AUC, abs=1e-6)
+    assert exact["insertion_AUC"] == pytest.approx(RISE_INSERTION_AUC, abs=1e-6)
+    # the former 1e-6 jitter reorders the many values below 1e-6: deletion moves to 0.3627
+    jitter = 1e-6 * torch.rand(saliency.shape, generator=torch.Generator().manual_seed(0))
+    assert aucs(saliency + jitter)["deletion_AUC"] < RISE_DELETION_AUC - 0.01

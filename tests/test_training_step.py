@@ -164,10 +164,12 @@ def test_fused_regularisers_match_the_pytorch_reference_under_the_triton_interpr
 def test_regularisers_reject_bad_arguments():
     with pytest.raises(ValueError, match="scores \\(B, S, h, w\\)"):
         regulariser_terms(torch.zeros(2, 3, 4), 1.0)
-    with pytest.raises(ValueError, match="unknown regulariser implementation"):
+    with pytest.raises(ValueError, match="regulariser implementation must be one of"):
         regulariser_terms(torch.zeros(1, 1, 2, 2), 1.0, implementation="cuda")
     with pytest.raises(ValueError, match="exactly one of subset_maps and subset_scores"):
         PTAMELoss()(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="loss.implementation must be one of"):
+        PTAMELoss(implementation="cuda")
 
 
 def test_a_step_casts_no_frozen_weight_and_needs_no_scatter(tmp_path):

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 ClassSubsetMode = Literal["random", "batch"]
 VariationNormalisation = Literal["mean", "release"]
 RegulariserImplementation = Literal["auto", "triton", "torch"]
+REGULARISER_IMPLEMENTATIONS = ("auto", "triton", "torch")
 
 # Keeps E ** p differentiable at E = 0 for p < 1 (the sigmoid can underflow to exactly 0).
 _AREA_FLOOR = 1e-12
@@ -116,8 +117,9 @@ def regulariser_terms(
     """
     if scores.ndim != 4:
         raise ValueError(f"regulariser_terms expects scores (B, S, h, w), got {tuple(scores.shape)}")
-    if implementation not in ("auto", "triton", "torch"):
-        raise ValueError(f"unknown regulariser implementation {implementation!r}; use auto, triton or torch")
+    if implementation not in REGULARISER_IMPLEMENTATIONS:
+        raise ValueError(f"regulariser implementation must be one of {REGULARISER_IMPLEMENTATIONS}, "
+                         f"got {implementation!r}")
     fused = implementation == "triton" or (implementation == "auto" and _triton_usable(scores))
     if fused:
         from ptame.fused_regularisers import FusedRegularisers, RegulariserSettings
@@ -223,9 +225,9 @@ class PTAMELoss(nn.Module):
             raise ValueError(f"loss.class_subset must be 'random' or 'batch', got {class_subset!r}")
         if subset_size is not None and subset_size < 1:
             raise ValueError(f"loss.subset_size must be at least 1 or null, got {subset_size}")
-        if implementation not in ("auto", "triton", "torch"):
+        if implementation not in REGULARISER_IMPLEMENTATIONS:
             raise ValueError(
-                f"loss.implementation must be 'auto', 'triton' or 'torch', got {implementation!r}"
+                f"loss.implementation must be one of {REGULARISER_IMPLEMENTATIONS}, got {implementation!r}"
             )
         self.ce_weight = float(ce_weight)
         self.area_weight = float(area_weight)

@@ -12,8 +12,9 @@ a few dozen) are decoded and cropped by PIL in the worker, as in the CPU pipelin
 
 The two paths give the same crop of the same file for the same seed; the pixel values differ by
 the decoders (libjpeg-turbo and nvJPEG round the IDCT and the chroma upsampling differently) and
-the resizers (PIL's and torchvision's antialiased bilinear filters), by a few 8-bit levels at
-most (measured in the tests and the input-pipeline benchmark).
+the resizers (PIL's and torchvision's antialiased bilinear filters): torchvision's CPU decoder
+and resize against PIL's, at most 1 8-bit level (tests); nvJPEG against PIL is printed by
+``benchmarks/input_pipeline.py`` and bounded by the GPU test.
 """
 
 from __future__ import annotations

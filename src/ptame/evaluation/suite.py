@@ -122,11 +122,9 @@ def evaluate_batch(
 ) -> None:
     """Explain one batch with every explainer (the backbone's predictions) and feed each map
     stack into that explainer's suite, under :func:`metric_precision`. ``batch`` holds ``image``
-    (B, 3, H, W) in [0, 1] (or the encoded files of GPU decoding, decoded here), ``index`` (B,)
-    and, for localisation, ``mask`` (B, H, W); it is moved to ``device`` (None: where the images
-    are)."""
-    if "image" not in batch:
-        batch = decode_on_device(batch, device if device is not None else "cpu")
+    (B, 3, H, W) in [0, 1] (batches of GPU decoding are decoded before, by
+    :func:`evaluate_explainers` or the Lightning batch-transfer hook), ``index`` (B,) and, for
+    localisation, ``mask`` (B, H, W); it is moved to ``device`` (None: where the images are)."""
     images = batch["image"] if device is None else batch["image"].to(device)
     with metric_precision(images.device, precision):
         for name, explainer in explainers.items():

@@ -19,7 +19,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
 from ptame.metrics.base import BackboneFn, PerImageMetric, check_batch
-from ptame.metrics.ranking import ranking
+from ptame.metrics.ranking import rank_positions, ranking
 
 MODES = ("insertion", "deletion")
 
@@ -74,8 +74,7 @@ class InsertionDeletion(PerImageMetric):
         """Confidence (B, steps+1) while pixels switch from ``start`` to ``end`` in ``order``."""
         batch, channels, height, width = images.shape
         pixels = height * width
-        rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(pixels, device=order.device).expand(batch, pixels))
+        rank = rank_positions(order)
         counts = [math.ceil(pixels * s / self.steps) for s in range(self.steps + 1)]
         confidences = []
         for b in range(batch):
