@@ -134,7 +134,7 @@ def main() -> None:
     step("input-pipeline", [python, "benchmarks/input_pipeline.py", "--root", args.root,
                             "--per-class", str(args.train_per_class), "--workers", "8", str(args.workers)],
          240, r"^\s+(cpu|gpu)\s+\d+", r"GPU vs CPU")
-    weights = save_random_weights(out / "weights")
+    weights = save_random_weights(Path(args.root) / "weights")  # beside the folder: kept out of --out
     common = [
         "experiment=table1_resnet50", f"paths.imagenet_root={args.root}", "backbone.weights=null",
         f"backbone.checkpoint_path={weights['resnet50']}", "auxiliary.weights=null",
