@@ -26,7 +26,7 @@ def test_fused_regularisers_on_cuda_match_the_pytorch_reference(dtype):
     scores = (torch.randn(16, 16, 56, 56) * 3).to(dtype)
     results = {}
     for implementation, device in (("torch", "cpu"), ("triton", "cuda")):
-        x = scores.to(device).requires_grad_(True)
+        x = scores.clone().to(device).requires_grad_(True)  # a leaf on each device
         area, variation = regulariser_terms(x, 0.3, 5e-4, 2.0, 0.3, "release", implementation)
         (0.8 * area + 0.01 * variation).backward()
         results[implementation] = [area.detach().cpu(), variation.detach().cpu(), x.grad.float().cpu()]
@@ -70,14 +70,15 @@ def test_road_and_ad_ic_give_the_cpus_figures_on_the_gpu_in_float32():
         assert figures["cuda"][key] == pytest.approx(value, abs=1e-4 if "@" in key or "AUC" in key else 1e-3), key
 
 
+@pytest.mark.parametrize("batch_size", [32, 256])
 @pytest.mark.parametrize("mode", ["batch", "random"])
-def test_training_step_makes_no_host_synchronisation(mode):
+def test_training_step_makes_no_host_synchronisation(mode, batch_size):
     module = PTAMEModule(torchvision_backbone("resnet50"), torchvision_auxiliary("resnet18"),
                          PTAMELoss(class_subset=mode), channels_last=True,
                          frozen_dtype="bfloat16").cuda().train()
     module.configure_model()
     optimizer = torch.optim.AdamW(module.ptame.attention.parameters(), lr=1e-4)
-    images = torch.rand(32, 3, 224, 224, device="cuda")
+    images = torch.rand(batch_size, 3, 224, 224, device="cuda")
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):

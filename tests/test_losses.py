@@ -66,7 +66,7 @@ def test_total_loss_is_the_weighted_sum_of_terms():
 def test_batch_subset_is_the_batch_predictions_for_every_image():
     predictions = torch.tensor([3, 1, 3])
     subset = select_class_subset(predictions, num_classes=5, mode="batch")
-    assert subset.tolist() == [[3, 1, 3]] * 3
+    assert subset.tolist() == [[3, 1, 3]]  # (1, B): the same classes for every image
 
 
 @settings(max_examples=30, deadline=None)

@@ -37,7 +37,7 @@ def naive_terms(module: PTAMEModule, images: torch.Tensor, generator: torch.Gene
         predictions = backbone(images).argmax(dim=1)
         features = auxiliary(images)
     subset = select_class_subset(predictions, module.ptame.num_classes, loss.class_subset,
-                                 loss.subset_size, generator)
+                                 loss.subset_size, generator).expand(images.shape[0], -1)
     processed = [branch(feature) for branch, feature in zip(attention.branches, features)]
     weights = attention.fusion.weight[:, :, 0, 0].split(attention.in_channels, dim=1)
     size = tuple(max((p.shape[-2:] for p in processed), key=lambda s: s[0] * s[1]))

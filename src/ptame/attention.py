@@ -98,7 +98,8 @@ class AttentionMechanism(nn.Module):
         return [branch(feature) for branch, feature in zip(self.branches, features, strict=True)]
 
     def class_scores(self, processed: Sequence[Tensor], classes: Tensor | None = None) -> Tensor:
-        """Raw scores of ``classes`` (B, S), or of all C classes, from the processed branches.
+        """Raw scores of ``classes`` (B, S) per image or (1, S) shared by every image, or of all
+        C classes, from the processed branches.
 
         Equivalent to ``fusion(concat(upsample(processed_l)))``, computed as
         ``sum_l upsample(W_l processed_l)``: the 1x1 fusion is linear per pixel and bilinear
@@ -114,8 +115,8 @@ class AttentionMechanism(nn.Module):
             (B, S, h, w) or (B, C, h, w) scores at the size of the largest processed map.
         """
         batch = processed[0].shape[0]
-        if classes is not None and (classes.ndim != 2 or classes.shape[0] != batch):
-            raise ValueError(f"classes must be (B, S) with B={batch}, got {tuple(classes.shape)}")
+        if classes is not None and (classes.ndim != 2 or classes.shape[0] not in (1, batch)):
+            raise ValueError(f"classes must be (B, S) with B={batch} or (1, S), got {tuple(classes.shape)}")
         target_size = tuple(max((p.shape[-2:] for p in processed), key=lambda s: s[0] * s[1]))
         weights = self.fusion.weight.flatten(1).split(self.in_channels, dim=1)
         scores = None
@@ -128,13 +129,16 @@ class AttentionMechanism(nn.Module):
 
     @staticmethod
     def _project(processed: Tensor, weight: Tensor, classes: Tensor | None) -> Tensor:
-        """(B, S or C, h, w) = the class rows of ``weight`` (C, k) times ``processed`` (B, k, h, w)."""
+        """(B, S or C, h, w) = the class rows of ``weight`` (C, k) times ``processed`` (B, k, h, w);
+        ``classes`` (B, S), (1, S) shared, or None for all C."""
         batch, channels, height, width = processed.shape
         pixels = processed.flatten(2)  # (B, k, h w); a view for contiguous and channels_last
         if classes is None:
-            rows = weight.to(processed.dtype).expand(batch, *weight.shape)
+            rows = weight.to(processed.dtype).unsqueeze(0)  # (1, C, k)
         else:
-            rows = F.embedding(classes, weight).to(processed.dtype)  # (B, S, k)
+            rows = F.embedding(classes, weight).to(processed.dtype)  # (B or 1, S, k)
+        if rows.shape[0] == 1:  # rows shared by every image: one GEMM against all pixels
+            return torch.matmul(rows[0], pixels).view(batch, rows.shape[1], height, width)
         return torch.bmm(rows, pixels).view(batch, rows.shape[1], height, width)
 
     def layer_contributions(self) -> list[float]:

@@ -40,10 +40,11 @@ class RegulariserSettings:
 
 @triton.jit
 def _power(x, p, SQUARE: tl.constexpr):
-    """x ** p for x >= 0 (0 ** p = 0)."""
+    """x ** p for x >= 0 (0 ** p = 0). The floor inside the log is a normal float32 (a literal
+    below 2^-126 would be typed float64 by Triton's compiler)."""
     if SQUARE:
         return x * x
-    return tl.where(x > 0, tl.exp2(p * tl.log2(tl.maximum(x, 1e-38))), 0.0)
+    return tl.where(x > 0, tl.exp2(p * tl.log2(tl.maximum(x, 1e-30))), 0.0)
 
 
 @triton.jit
@@ -52,7 +53,7 @@ def _power_slope(d, q, SQUARE: tl.constexpr):
     if SQUARE:
         return 2.0 * d
     magnitude = tl.abs(d)
-    slope = q * tl.exp2((q - 1.0) * tl.log2(tl.maximum(magnitude, 1e-38)))
+    slope = q * tl.exp2((q - 1.0) * tl.log2(tl.maximum(magnitude, 1e-30)))
     return tl.where(d > 0, slope, tl.where(d < 0, -slope, 0.0))
 
 

@@ -149,15 +149,17 @@ def select_class_subset(
         mode: ``"random"`` (paper): per image, c* plus ``subset_size - 1`` other classes drawn
             uniformly without replacement; ``subset_size`` None means the batch size (the paper
             sets lambda_rand = batch size), capped at C. ``"batch"`` (release): every image uses
-            the B classes predicted in the batch, duplicates included.
+            the B classes predicted in the batch, duplicates included, returned once as (1, B)
+            (shared rows: the attention looks up B fusion rows, not B x B).
         generator: random generator for the ``"random"`` draw (on the predictions' device).
 
     Returns:
-        (B, S) class indices; in ``"random"`` mode column 0 is c*.
+        (B, S) class indices per image, in ``"random"`` mode with c* in column 0; in ``"batch"``
+        mode (1, B), the same classes for every image.
     """
     batch_size = predictions.shape[0]
     if mode == "batch":
-        return predictions.unsqueeze(0).expand(batch_size, batch_size)
+        return predictions.unsqueeze(0)
     if mode != "random":
         raise ValueError(f"unknown class subset mode {mode!r}; use 'random' or 'batch'")
     size = batch_size if subset_size is None else int(subset_size)
@@ -244,7 +246,8 @@ class PTAMELoss(nn.Module):
     def select_classes(
         self, predictions: Tensor, num_classes: int, generator: torch.Generator | None = None
     ) -> Tensor:
-        """(B, S) class indices of the subset S for this batch; see :func:`select_class_subset`."""
+        """(B, S) or, shared by every image, (1, S) class indices of the subset S for this
+        batch; see :func:`select_class_subset`."""
         return select_class_subset(
             predictions, num_classes, self.class_subset, self.subset_size, generator
         )

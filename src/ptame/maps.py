@@ -88,10 +88,19 @@ def interpolation_matrix(
     """
     if mode not in UPSAMPLING_MODES:
         raise ValueError(f"upsampling must be one of {UPSAMPLING_MODES}, got {mode!r}")
+    return _interpolation_matrix_on(int(in_size), int(out_size), torch.device(device), dtype, mode)
+
+
+@functools.lru_cache(maxsize=256)
+def _interpolation_matrix_on(
+    in_size: int, out_size: int, device: torch.device, dtype: torch.dtype, mode: str
+) -> Tensor:
+    """The matrix on its device, built once: copying it from the host at every call would make
+    each training step wait for the GPU (a pageable host-to-device copy synchronises)."""
     if mode == "stepwise" and out_size != in_size:
-        matrix = _stepwise_matrix_cpu(int(in_size), int(out_size))
+        matrix = _stepwise_matrix_cpu(in_size, out_size)
     else:
-        matrix = _interpolation_matrix_cpu(int(in_size), int(out_size))
+        matrix = _interpolation_matrix_cpu(in_size, out_size)
     return matrix.to(device=device, dtype=dtype)
 
 
