@@ -83,7 +83,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
     parser.add_argument("--skip", nargs="*", default=[], help="step names to leave out")
     parser.add_argument("--device", default="cuda", help="cpu: rehearse the suite's commands on CPU")
-    parser.add_argument("--decode", default="gpu", help="data.decode of the end-to-end runs")
+    parser.add_argument("--decode", nargs="+", default=["gpu"],
+                        help="data.decode of the end-to-end runs (several: one training run each)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256],
+                        help="batch sizes of the end-to-end training runs")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print the top kernels of one training step and one imputation call")
     parser.add_argument("--overrides", nargs="*", default=[],
                         help="extra Hydra overrides of the end-to-end runs (e.g. to rehearse on CPU: "
                              "trainer=cpu +trainer.limit_train_batches=2 data.test_size=16)")
@@ -119,10 +124,11 @@ def main() -> None:
     step("gpu-tests", [python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                        "tests/test_gpu.py", "tests/test_data_gpu_decoding.py"], 240,
          r"passed|failed|error", r"^FAILED", r"^E ")
-    step("train-step", [python, "benchmarks/train_step.py", "--check-syncs", "--device", args.device], 240,
+    profile = ["--profile"] if args.profile else []
+    step("train-step", [python, "benchmarks/train_step.py", "--check-syncs", "--device", args.device, *profile], 240,
          r"^\s+\d+\s+(batch|random)", r"device=", r"synchronisation")
     step("imputation", [python, "benchmarks/imputation.py", "--device", args.device, "--images", "16",
-                        "--images-per-call", "8", "--scipy-images", "0", "--repeats", "3"], 180,
+                        "--images-per-call", "8", "--scipy-images", "0", "--repeats", "3", *profile], 180,
          r"ptame", r"images .* RGB")
     step("evaluation", [python, "benchmarks/evaluation.py", "--device", args.device], 300,
          r"P-TAME explanation|ROAD \(|faithfulness|Table 1|float32|bf16|device=")
@@ -139,23 +145,26 @@ def main() -> None:
         "experiment=table1_resnet50", f"paths.imagenet_root={args.root}", "backbone.weights=null",
         f"backbone.checkpoint_path={weights['resnet50']}", "auxiliary.weights=null",
         f"auxiliary.checkpoint_path={weights['resnet18']}", f"data.num_workers={args.workers}",
-        f"data.decode={args.decode}", *args.overrides,
+        *args.overrides,
     ]
     checkpoint = None
-    for batch in (64, 256):
-        run_dir = out / f"train_b{batch}"
-        step(f"train-b{batch}", [python, "train.py", *common, f"data.batch_size={batch}",
-                                 "callbacks=default", "final_evaluation.overlay_images=0",
-                                 f"hydra.run.dir={run_dir}"], 420,
-             r"throughput .* images/s", r"Error|error:")
-        if (run_dir / "checkpoints" / "last.ckpt").is_file():
-            checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    for decode in args.decode:
+        for batch in args.batch_sizes:
+            name = f"train-b{batch}" + (f"-{decode}" if len(args.decode) > 1 else "")
+            run_dir = out / name.replace("-", "_")
+            step(name, [python, "train.py", *common, f"data.decode={decode}", f"data.batch_size={batch}",
+                        "callbacks=default", "final_evaluation.overlay_images=0",
+                        f"hydra.run.dir={run_dir}"], 420,
+                 r"throughput .* images/s", r"Error|error:")
+            if (run_dir / "checkpoints" / "last.ckpt").is_file():
+                checkpoint = run_dir / "checkpoints" / "last.ckpt"
     if checkpoint is not None:
         start = time.perf_counter()
-        step("evaluate-2000", [python, "evaluate.py", *common, f"ckpt_path={checkpoint}",
+        step("evaluate-2000", [python, "evaluate.py", *common, f"data.decode={args.decode[0]}",
+                               f"ckpt_path={checkpoint}",
                                "explainers=[ptame]", *args.evaluate_overrides,
                                  f"hydra.run.dir={out / 'evaluate'}"], 420,
-             r"Results on", r"^\| ptame", r"Error|error:")
+             r"Results on", r"^\| ptame", r"cost of", r"Error|error:")
         figures.append(f"[evaluate-2000] wall time {time.perf_counter() - start:.1f} s (process start included)")
 
     print("\n==================== summary ====================")

@@ -17,7 +17,7 @@ Goal: >= 10x faster than the per-channel reference on CPU, max |difference| <= 1
 one thread by default, like scipy's solver (``--threads 0`` keeps torch's default).
 
     .venv/bin/python benchmarks/imputation.py [--device cpu|cuda] [--images 4] [--size 224]
-        [--threads 1] [--images-per-call 1]
+        [--threads 1] [--images-per-call 1] [--profile]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ptame.metrics.imputation import ATOL, noisy_linear_imputation
+from profiling import print_profile
 
 PERCENTAGES = (10, 20, 30, 40, 50, 70, 90)
 NEIGHBOURS = [  # (row offset, column offset, weight)
@@ -134,6 +135,7 @@ def main() -> None:
     parser.add_argument("--scipy-images", type=int, default=None,
                         help="images also solved by scipy (default: all; the speed-ups use them)")
     parser.add_argument("--repeats", type=int, default=1, help="timed ptame calls per group (median)")
+    parser.add_argument("--profile", action="store_true", help="print the top kernels of the first call")
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -153,6 +155,9 @@ def main() -> None:
         count = len(group)
         batch = images[group, None].expand(-1, masks.shape[1], -1, -1, -1).flatten(0, 1).to(device)
         keep = masks[group].flatten(0, 1).to(device)
+        if args.profile and not calls:
+            print_profile(lambda: noisy_linear_imputation(batch, keep, noise_std=0.0), device,
+                          f"one call of {batch.shape[0]} imputations")
         durations = []
         for _ in range(max(1, args.repeats)):
             synchronise(device)

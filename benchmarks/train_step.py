@@ -10,7 +10,7 @@ The physical floor is about 3.3 (a forward without gradients to pick c*, the aux
 with activations kept, a backward to the input only). Goals: <= 3.5 on a GPU, <= 4.0 on a CPU.
 
     .venv/bin/python benchmarks/train_step.py [--device cpu|cuda] [--batch-sizes 32 64 256]
-        [--modes batch random] [--repeats 10] [--compile] [--check-syncs]
+        [--modes batch random] [--repeats 10] [--compile] [--check-syncs] [--profile]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from ptame.losses import PTAMELoss
 from ptame.module import PTAMEModule
 from ptame.networks import torchvision_auxiliary, torchvision_backbone
+from profiling import print_profile
 
 GOALS = {"cuda": 3.5, "cpu": 4.0}
 
@@ -59,7 +60,7 @@ def build(mode: str, device: torch.device, compile: bool) -> PTAMEModule:
 
 
 def measure(module: PTAMEModule, batch_size: int, device: torch.device, repeats: int,
-            warmup: int, check_syncs: bool) -> dict[str, float]:
+            warmup: int, check_syncs: bool, profile: bool = False) -> dict[str, float]:
     """Median seconds of one backbone forward and of one training step on one batch."""
     on_gpu = device.type == "cuda"
     optimizer = torch.optim.AdamW(module.ptame.attention.parameters(), lr=1e-4, amsgrad=True)
@@ -95,6 +96,8 @@ def measure(module: PTAMEModule, batch_size: int, device: torch.device, repeats:
             syncs = 1.0
         finally:
             torch.cuda.set_sync_debug_mode("default")
+    if profile:
+        print_profile(train_step, device, f"one step, batch {batch_size}, {module.loss.class_subset} subset")
     forwards, steps = [], []
     for _ in range(repeats):
         forwards.append(timed(backbone_forward, device))
@@ -113,6 +116,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the frozen networks")
     parser.add_argument("--check-syncs", action="store_true",
                         help="GPU: run one step with torch.cuda sync debug mode 'error'")
+    parser.add_argument("--profile", action="store_true", help="print the top kernels of one step")
     args = parser.parse_args()
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -127,7 +131,8 @@ def main() -> None:
     for mode in args.modes:
         module = build(mode, device, args.compile)
         for batch_size in batch_sizes:
-            result = measure(module, batch_size, device, repeats, args.warmup, args.check_syncs)
+            result = measure(module, batch_size, device, repeats, args.warmup, args.check_syncs,
+                             args.profile)
             ratio = result["step"] / result["forward"]
             verdict = "" if ratio <= goal else "  ABOVE GOAL"
             print(f"{batch_size:>6} {mode:>7} {batch_size:>5} {result['forward'] * 1e3:>11.2f} "

@@ -9,7 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ptame.data.gpu_decoding import EncodedImageDataset, collate_encoded, decode_on_device
+from ptame.data.gpu_decoding import (
+    DecodeAheadLoader,
+    EncodedImageDataset,
+    collate_encoded,
+    decode_ahead,
+    decode_on_device,
+)
 from ptame.data.imagefolder import (
     ImageFolderDataModule,
     ImageSampleDataset,
@@ -123,6 +129,50 @@ def test_the_evaluation_loop_gives_the_cpu_pipelines_figures_on_encoded_batches(
         assert figures["gpu"][key] == pytest.approx(value, abs=0.01), key
 
 
+def encoded_batches(files, batch_size: int, broken: int | None = None) -> list[dict]:
+    """The files (in the fixture's order, fallbacks included) as collate_encoded batches; with
+    ``broken``, that batch's first file's bytes are cut short so that decoding it fails."""
+    samples = [(path, label) for label, path in enumerate(files.values())]
+    dataset = EncodedImageDataset(samples, eval_transform(64, 48))
+    batches = [collate_encoded([dataset[i] for i in range(start, min(start + batch_size, len(samples)))])
+               for start in range(0, len(samples), batch_size)]
+    if broken is not None:
+        batches[broken]["encoded"][0] = batches[broken]["encoded"][0][:100].clone()
+    return batches
+
+
+@pytest.mark.parametrize("depth", [1, 2, 5])
+def test_decoding_ahead_yields_the_batches_decoding_one_by_one_gives(files, depth):
+    expected = [decode_on_device(batch, "cpu") for batch in encoded_batches(files, 2)]
+    decoded = list(decode_ahead(iter(encoded_batches(files, 2)), "cpu", depth))
+    assert len(decoded) == len(expected) == 4
+    for ours, reference in zip(decoded, expected):
+        assert torch.equal(ours["image"], reference["image"])
+        assert ours["label"].tolist() == reference["label"].tolist() and ours["path"] == reference["path"]
+
+
+def test_decoding_ahead_raises_a_broken_file_at_its_batch_after_the_earlier_ones(files):
+    batches = decode_ahead(iter(encoded_batches(files, 2, broken=1)), "cpu", depth=2)
+    first = next(batches)
+    assert first["label"].tolist() == [0, 1]
+    with pytest.raises(RuntimeError):
+        next(batches)
+    with pytest.raises(ValueError, match="depth must be >= 1"):
+        next(decode_ahead(iter([]), "cpu", depth=0))
+
+
+def test_a_decode_ahead_loader_is_a_dataloader_of_decoded_batches(files):
+    samples = [(path, label) for label, path in enumerate(files.values())]
+    dataset = EncodedImageDataset(samples, eval_transform(64, 48))
+    loader = DecodeAheadLoader(dataset, batch_size=3, collate_fn=collate_encoded, decode_device="cpu")
+    plain = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=collate_encoded)
+    ours = list(loader)
+    assert len(loader) == 3 and [b["label"].tolist() for b in ours] == [[0, 1, 2], [3, 4, 5], [6]]
+    for batch, reference in zip(ours, plain):
+        assert torch.equal(batch["image"], decode_on_device(reference, "cpu")["image"])
+        assert decode_on_device(batch, "cpu") is batch  # already decoded: the hooks pass it on
+
+
 def test_crop_plans_follow_resize_and_crop_rules():
     plan = plan_crop(375, 500, 256, 224, train=False)
     assert (plan.resized_height, plan.resized_width, plan.top, plan.left, plan.flip) == (256, 341, 16, 58, False)
@@ -155,3 +205,15 @@ def test_nvjpeg_crops_match_the_cpu_pipeline_within_decoder_differences(files):
         image = decode_on_device(collate_encoded([encoded[index]]), "cuda")["image"][0].cpu()
         difference = (image - expected).abs() * 255
         assert difference.mean() < 2.0 and difference.max() < 40, (index, difference.max())
+
+
+@pytest.mark.gpu
+def test_decoding_ahead_on_a_side_stream_gives_the_serial_decoders_images(files):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    expected = [decode_on_device(batch, "cuda")["image"].cpu() for batch in encoded_batches(files, 2)]
+    consumed = []
+    for batch in decode_ahead(iter(encoded_batches(files, 2)), "cuda", depth=2):
+        consumed.append((batch["image"] * 2).cpu() / 2)  # work on the consumer's stream
+    for ours, reference in zip(consumed, expected):
+        assert torch.equal(ours, reference)

@@ -209,6 +209,36 @@ def test_cost_counts_backbone_passes_and_flops():
     assert cost.resolution == 256 and cost.ms_per_image > 0
 
 
+class _SlowFirstCall(torch.nn.Module):
+    """An explainer whose calls sleep: ``first`` seconds the first time (autotuning, compilation),
+    ``after`` seconds afterwards."""
+
+    def __init__(self, first: float, after: float) -> None:
+        super().__init__()
+        self.durations, self.calls = (first, after), 0
+
+    def forward(self, images, targets=None):
+        import time
+
+        time.sleep(self.durations[0] if self.calls == 0 else self.durations[1])
+        self.calls += 1
+        return images.mean(1)
+
+
+def test_cost_times_warm_calls_not_the_first_one():
+    explainer = _SlowFirstCall(first=0.4, after=0.02)
+    cost = measure_cost(explainer, torch.rand(2, 3, 8, 8), repeats=3, warmup=1, budget_seconds=5.0)
+    assert explainer.calls == 1 + 1 + 3  # FLOP count, warm-up, timed
+    assert 0.02 / 2 * 1000 <= cost.ms_per_image < 0.1 / 2 * 1000  # the warm calls' 10 ms per image
+
+
+def test_cost_of_a_slow_method_stays_within_its_budget():
+    explainer = _SlowFirstCall(first=0.3, after=0.3)
+    cost = measure_cost(explainer, torch.rand(2, 3, 8, 8), repeats=5, warmup=2, budget_seconds=0.5)
+    assert explainer.calls == 2  # FLOP count, then one timed call
+    assert cost.ms_per_image == pytest.approx(150, rel=0.5)
+
+
 def test_telea_and_mean_imputers_fill_only_removed_pixels():
     from ptame.metrics.imputation import mean_imputation, telea_imputation
 

@@ -10,6 +10,10 @@ GPU (:func:`~ptame.data.imagefolder.crop_tensor`). Files that nvJPEG cannot turn
 expected RGB image (greyscale, CMYK or palette JPEGs, PNGs under a ``.JPEG`` name: ImageNet has
 a few dozen) are decoded and cropped by PIL in the worker, as in the CPU pipeline.
 
+On a CUDA device the training and evaluation loaders are :class:`DecodeAheadLoader`\ s: a
+background thread decodes the next batches on a side CUDA stream while the current step runs
+(torchvision's decoder releases the GIL), so decoding overlaps training instead of adding to it.
+
 The two paths give the same crop of the same file for the same seed; the pixel values differ by
 the decoders (libjpeg-turbo and nvJPEG round the IDCT and the chroma upsampling differently) and
 the resizers (PIL's and torchvision's antialiased bilinear filters): torchvision's CPU decoder
@@ -21,11 +25,14 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from ptame.data.imagefolder import (
     CropPlan,
@@ -122,3 +129,71 @@ def decode_on_device(batch: dict[str, Any], device: torch.device | str) -> dict[
     images = [next(crops) if from_file else next(decoded).to(device, non_blocking=True) for from_file in order]
     batch["image"] = torch.stack(images)
     return batch
+
+
+def _decode_on_side_stream(
+    batch: dict[str, Any], device: torch.device, stream: torch.cuda.Stream | None
+) -> tuple[dict[str, Any], torch.cuda.Event | None]:
+    """Decode ``batch`` on ``stream`` (CUDA) and return it with an event marking the end of its
+    decoding (None off CUDA)."""
+    if stream is None:
+        return decode_on_device(batch, device), None
+    with torch.cuda.stream(stream):
+        decoded = decode_on_device(batch, device)
+        done = torch.cuda.Event()
+        done.record(stream)
+    return decoded, done
+
+
+def _hand_over(result: tuple[dict[str, Any], torch.cuda.Event | None], device: torch.device) -> dict[str, Any]:
+    """Make the consumer's current stream wait for a batch decoded on the side stream; the image
+    memory is kept until the consumer's work on it is done (``record_stream``)."""
+    batch, done = result
+    if done is not None:
+        current = torch.cuda.current_stream(device)
+        current.wait_event(done)
+        batch["image"].record_stream(current)
+    return batch
+
+
+def decode_ahead(
+    batches: Iterable[dict[str, Any]], device: torch.device | str, depth: int = 2
+) -> Iterator[dict[str, Any]]:
+    """Yield the :func:`collate_encoded` ``batches`` decoded on ``device``, in order, decoding up
+    to ``depth`` batches ahead in one background thread (on CUDA: on its own stream, handed over
+    to the consumer's stream without a host synchronisation). Errors of a batch (an unreadable
+    file) are raised when that batch is reached. Same tensors as :func:`decode_on_device` batch by
+    batch."""
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    pending: deque[Future] = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptame-decode") as pool:
+        try:
+            for batch in batches:
+                pending.append(pool.submit(_decode_on_side_stream, batch, device, stream))
+                if len(pending) > depth:
+                    yield _hand_over(pending.popleft().result(), device)
+            while pending:
+                yield _hand_over(pending.popleft().result(), device)
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+class DecodeAheadLoader(DataLoader):
+    """A DataLoader of :class:`EncodedImageDataset` batches (``collate_fn=collate_encoded``) that
+    yields them decoded on ``decode_device``, decoding ``decode_depth`` batches ahead in a
+    background thread (:func:`decode_ahead`). Every other argument is DataLoader's; the batches are
+    those of :func:`decode_on_device` applied to the plain loader's, in the same order."""
+
+    def __init__(self, *args: Any, decode_device: torch.device | str, decode_depth: int = 2, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.decode_device = torch.device(decode_device)
+        self.decode_depth = int(decode_depth)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
+        return decode_ahead(super().__iter__(), self.decode_device, self.decode_depth)

@@ -618,6 +618,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         decode: ``"cpu"`` (PIL in the DataLoader workers), ``"gpu"`` (nvJPEG: the workers only
             read the files; :mod:`ptame.data.gpu_decoding`) or ``"auto"`` (the GPU when CUDA is
             available). Same crops either way.
+        decode_ahead: with ``decode="gpu"`` and a trainer attached, batches decoded ahead of
+            the step in a background thread (:class:`~ptame.data.gpu_decoding.DecodeAheadLoader`;
+            on CUDA on a side stream, so that decoding overlaps training); 0: each batch is
+            decoded in the batch-transfer hook, after the previous step.
     """
 
     has_masks: bool = False
@@ -646,6 +650,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         class_index_file: str | os.PathLike[str] | None = None,
         jpeg_draft: bool = False,
         decode: str = "cpu",
+        decode_ahead: int = 2,
     ) -> None:
         super().__init__()
         _check_arguments(layout, val_size, test_size, batch_size, eval_batch_size, num_workers,
@@ -666,6 +671,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.class_index_file = class_index_file
         self.jpeg_draft = jpeg_draft
         self.decode = resolve_decode(decode)
+        if int(decode_ahead) < 0:
+            raise ValueError(f"decode_ahead must be >= 0 (batches decoded ahead; 0: off), got {decode_ahead}")
+        self.decode_ahead = int(decode_ahead)
         if self.decode == "gpu" and jpeg_draft:
             raise ValueError("jpeg_draft applies to CPU decoding only; use decode=cpu with it")
         self._class_names: list[str] | None = None
@@ -842,20 +850,22 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _loader(self, dataset: ImageSampleDataset | None, stage: str, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"call setup({stage!r}) before requesting this dataloader")
-        batch_size = self.batch_size if train else self.eval_batch_size
-        collate = None
-        if self.decode == "gpu":
-            from ptame.data.gpu_decoding import collate_encoded as collate
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
+        settings: dict[str, Any] = dict(
+            batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
-            collate_fn=collate,
         )
+        if self.decode != "gpu":
+            return DataLoader(dataset, **settings)
+        from ptame.data.gpu_decoding import DecodeAheadLoader, collate_encoded
+
+        if self.trainer is not None and self.decode_ahead > 0:  # decode the next batches during this step
+            return DecodeAheadLoader(dataset, collate_fn=collate_encoded, decode_device=self.trainer.strategy.root_device,
+                                     decode_depth=self.decode_ahead, **settings)
+        return DataLoader(dataset, collate_fn=collate_encoded, **settings)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches of ``batch_size``; the last incomplete batch is dropped."""
