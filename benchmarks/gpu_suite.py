@@ -12,7 +12,9 @@ Runs, each as its own process with a time limit, and keeps the figures each prin
 5. ``benchmarks/input_pipeline.py``: the ImageNet loader, CPU and GPU decoding, per worker count;
 6. ``train.py`` end to end on a synthetic ImageFolder (ResNet-50 / ResNet-18, random weights saved
    as state-dict files), batch 64 and 256: images/s and the estimated epoch time;
-7. ``evaluate.py`` end to end on the 2000 test images with the checkpoint of step 6.
+7. ``evaluate.py`` end to end on the 2000 test images with the checkpoint of step 6;
+8. ``benchmarks/train_step.py --compile`` at batch 64 (``model.compile=true``; compiling takes
+   minutes, so it comes last).
 
 Budget: under 8 minutes on a 16-core one-GPU machine. Logs go to ``--out`` (default
 ``benchmark-gpu/``).
@@ -166,6 +168,11 @@ def main() -> None:
                                  f"hydra.run.dir={out / 'evaluate'}"], 420,
              r"Results on", r"^\| ptame", r"cost of", r"Error|error:")
         figures.append(f"[evaluate-2000] wall time {time.perf_counter() - start:.1f} s (process start included)")
+
+    # last: compilation takes minutes; one batch size, the paper's class-subset mode
+    step("train-step-compile", [python, "benchmarks/train_step.py", "--compile", "--device", args.device,
+                                "--batch-sizes", "64", "--modes", "random", "--repeats", "10"], 300,
+         r"^\s+\d+\s+(batch|random)", r"device=")
 
     print("\n==================== summary ====================")
     print(f"{'step':<16} {'status':<14} {'seconds':>8}")

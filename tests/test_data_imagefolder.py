@@ -25,6 +25,7 @@ from ptame.data.imagefolder import (
     read_image_list,
     scan_image_folder,
     seeded_disjoint_split,
+    to_unit_float,
     train_transform,
 )
 
@@ -335,6 +336,38 @@ def test_datamodule_seeded_split_and_batches(data: dict) -> None:
             colour = torch.tensor(COLOURS[SORTED[label]], dtype=torch.float32) / 255
             assert (image.mean(dim=(1, 2)) - colour).abs().max() < JPEG_TOL
     assert [p for b in module.test_dataloader() for p in b["path"]] == [p for p, _ in test]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_8_bit_crops_become_the_float_pipelines_values_exactly(tmp_path: Path, train: bool) -> None:
+    save_noise(tmp_path / "noise.JPEG", (333, 250), seed=3)
+    image = load_rgb_image(tmp_path / "noise.JPEG")
+    make = train_transform if train else eval_transform
+    torch.manual_seed(0)
+    expected = make(64, 56)(image)
+    torch.manual_seed(0)
+    pixels = make(64, 56, torch.uint8)(image)
+    assert pixels.dtype == torch.uint8 and expected.dtype == torch.float32
+    assert torch.equal(to_unit_float(pixels), expected)  # bit for bit
+    assert torch.equal(to_unit_float(pixels), pixels.float() * (1 / 255))  # the 8-bit value / 255
+    assert to_unit_float(expected) is expected
+
+
+def test_uint8_transfer_gives_the_float_batches_after_the_transfer_hook(data: dict) -> None:
+    from ptame.data.gpu_decoding import decode_on_device
+
+    floats, bytes_ = dm(data["root"]), dm(data["root"], transfer_dtype="uint8")
+    for module in (floats, bytes_):
+        module.setup("test")
+    for reference, batch in zip(floats.val_dataloader(), bytes_.val_dataloader()):
+        assert batch["image"].dtype == torch.uint8
+        converted = bytes_.on_after_batch_transfer(batch, 0)
+        assert converted["image"].dtype == torch.float32 and torch.equal(converted["image"], reference["image"])
+        assert torch.equal(decode_on_device(batch, "cpu")["image"], reference["image"])
+        assert converted["label"].tolist() == reference["label"].tolist()
+    assert floats.on_after_batch_transfer(reference, 0)["image"] is reference["image"]
+    with pytest.raises(ValueError, match="transfer_dtype must be one of"):
+        dm(data["root"], transfer_dtype="float16")
 
 
 def test_datamodule_split_reproducible_and_seed_dependent(data: dict) -> None:

@@ -41,6 +41,7 @@ from ptame.data.imagefolder import (
     PlannedCrop,
     crop_tensor,
     load_rgb_image,
+    to_unit_float,
 )
 
 def gpu_decodable(header: Image.Image) -> bool:
@@ -104,16 +105,18 @@ def collate_encoded(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def decode_on_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
     """Decode and crop a :func:`collate_encoded` batch on ``device``: the batch with ``image``
-    (B, 3, crop, crop) float32 in [0, 1] on ``device`` in place of the encoded files. Batches that
-    already hold ``image`` are returned as they are.
+    (B, 3, crop, crop) float32 in [0, 1] on ``device`` in place of the encoded files.
 
     On CUDA all files are decoded by one ``torchvision.io.decode_jpeg`` call; elsewhere one by
     one (torchvision's libjpeg-turbo). No host synchronisation: the images are stacked in batch
-    order from the per-item crops.
+    order from the per-item crops. Batches that already hold ``image`` are returned as they are,
+    8-bit ones (``transfer_dtype="uint8"``) as float32 [0, 1] on ``device``.
     """
-    if "image" in batch:
-        return batch
     device = torch.device(device)
+    if "image" in batch:
+        if batch["image"].dtype != torch.uint8:
+            return batch
+        return {**batch, "image": to_unit_float(batch["image"].to(device, non_blocking=True))}
     batch = dict(batch)
     encoded, plans = batch.pop("encoded"), batch.pop("plans")
     decoded, order = iter(batch.pop("decoded")), batch.pop("order").tolist()
@@ -126,7 +129,8 @@ def decode_on_device(batch: dict[str, Any], device: torch.device | str) -> dict[
     else:
         pixels = [decode_jpeg(data, mode=ImageReadMode.RGB) for data in encoded]
     crops = iter([crop_tensor(image, CropPlan.from_tensor(plan)) for image, plan in zip(pixels, plans)])
-    images = [next(crops) if from_file else next(decoded).to(device, non_blocking=True) for from_file in order]
+    images = [next(crops) if from_file else to_unit_float(next(decoded).to(device, non_blocking=True))
+              for from_file in order]
     batch["image"] = torch.stack(images)
     return batch
 

@@ -146,60 +146,79 @@ def plan_crop(height: int, width: int, resize_size: int, crop_size: int, train: 
     return CropPlan(resized_height, resized_width, top, left, crop_size, flip)
 
 
-def crop_pil(image: Image.Image, plan: CropPlan) -> Tensor:
-    """The planned crop of an RGB PIL image: float32 (3, size, size) in [0, 1] (PIL's
-    antialiased bilinear resize, 8-bit, then / 255: torchvision's PIL pipeline)."""
+def to_unit_float(images: Tensor) -> Tensor:
+    """8-bit images (any shape, any device) as float32 in [0, 1], exactly as the CPU pipeline
+    converts them (torchvision's ``to_dtype(..., scale=True)``: ``x * (1 / 255)``); float tensors
+    are returned as they are."""
+    if images.dtype != torch.uint8:
+        return images
+    return v2.functional.to_dtype(images, torch.float32, scale=True)
+
+
+def crop_pil(image: Image.Image, plan: CropPlan, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The planned crop of an RGB PIL image: (3, size, size), float32 in [0, 1] (PIL's
+    antialiased bilinear resize, 8-bit, then / 255: torchvision's PIL pipeline) or, with
+    ``dtype=torch.uint8``, the 8-bit values before that last step (:func:`to_unit_float` turns
+    them into the same floats)."""
     resized = v2.functional.resize(image, [plan.resized_height, plan.resized_width], antialias=True)
     cropped = v2.functional.crop(resized, plan.top, plan.left, plan.size, plan.size)
     if plan.flip:
         cropped = v2.functional.horizontal_flip(cropped)
     pixels = v2.functional.to_image(cropped).as_subclass(Tensor)
-    return v2.functional.to_dtype(pixels, torch.float32, scale=True)
+    return pixels if dtype == torch.uint8 else to_unit_float(pixels)
 
 
 def crop_tensor(image: Tensor, plan: CropPlan) -> Tensor:
     """The planned crop of a decoded uint8 image (3, H, W) on any device: float32 (3, size, size)
     in [0, 1] (torchvision's antialiased bilinear resize of uint8 tensors, rounded to 8 bits,
-    then / 255)."""
+    then :func:`to_unit_float`)."""
     resized = v2.functional.resize(image, [plan.resized_height, plan.resized_width], antialias=True)
     cropped = resized[:, plan.top : plan.top + plan.size, plan.left : plan.left + plan.size]
     if plan.flip:
         cropped = cropped.flip(-1)
-    return cropped.to(torch.float32).div_(255)
+    return to_unit_float(cropped)
+
+
+TRANSFER_DTYPES = {"float32": torch.float32, "uint8": torch.uint8}
 
 
 class PlannedCrop:
-    """The training or evaluation transform: RGB PIL image -> float32 (3, crop, crop) in [0, 1]
-    (:func:`plan_crop`, then :func:`crop_pil`); randomness from torch's global RNG."""
+    """The training or evaluation transform: RGB PIL image -> (3, crop, crop), float32 in [0, 1]
+    or, with ``dtype=torch.uint8``, its 8-bit values (:func:`plan_crop`, then :func:`crop_pil`);
+    randomness from torch's global RNG."""
 
-    def __init__(self, resize_size: int, crop_size: int, train: bool) -> None:
+    def __init__(self, resize_size: int, crop_size: int, train: bool, dtype: torch.dtype = torch.float32) -> None:
         _check_sizes(resize_size, crop_size)
-        self.resize_size, self.crop_size, self.train = resize_size, crop_size, train
+        if dtype not in TRANSFER_DTYPES.values():
+            raise ValueError(f"dtype must be torch.float32 or torch.uint8, got {dtype}")
+        self.resize_size, self.crop_size, self.train, self.dtype = resize_size, crop_size, train, dtype
 
     def plan(self, height: int, width: int) -> CropPlan:
         """Draw the crop of an image of ``height`` x ``width`` pixels (see :func:`plan_crop`)."""
         return plan_crop(height, width, self.resize_size, self.crop_size, self.train)
 
     def __call__(self, image: Image.Image) -> Tensor:
-        return crop_pil(image, self.plan(image.height, image.width))
+        return crop_pil(image, self.plan(image.height, image.width), self.dtype)
 
 
-def train_transform(resize_size: int = 256, crop_size: int = 224) -> PlannedCrop:
+def train_transform(resize_size: int = 256, crop_size: int = 224, dtype: torch.dtype = torch.float32) -> PlannedCrop:
     """Training transform: Resize(shorter side) -> RandomCrop -> RandomHorizontalFlip -> [0, 1].
 
     Takes an RGB PIL image of any size; returns a float32 tensor (3, crop_size, crop_size) with
-    values in [0, 1] (uint8 / 255, no normalisation). Randomness comes from torch's global RNG.
+    values in [0, 1] (uint8 / 255, no normalisation), or its uint8 values with
+    ``dtype=torch.uint8``. Randomness comes from torch's global RNG.
     """
-    return PlannedCrop(resize_size, crop_size, train=True)
+    return PlannedCrop(resize_size, crop_size, train=True, dtype=dtype)
 
 
-def eval_transform(resize_size: int = 256, crop_size: int = 224) -> PlannedCrop:
+def eval_transform(resize_size: int = 256, crop_size: int = 224, dtype: torch.dtype = torch.float32) -> PlannedCrop:
     """Evaluation transform: Resize(shorter side) -> CenterCrop -> [0, 1]; deterministic.
 
     Takes an RGB PIL image of any size; returns a float32 tensor (3, crop_size, crop_size) with
-    values in [0, 1] (uint8 / 255, no normalisation).
+    values in [0, 1] (uint8 / 255, no normalisation), or its uint8 values with
+    ``dtype=torch.uint8``.
     """
-    return PlannedCrop(resize_size, crop_size, train=False)
+    return PlannedCrop(resize_size, crop_size, train=False, dtype=dtype)
 
 
 def resolve_decode(mode: str) -> str:
@@ -622,6 +641,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             the step in a background thread (:class:`~ptame.data.gpu_decoding.DecodeAheadLoader`;
             on CUDA on a side stream, so that decoding overlaps training); 0: each batch is
             decoded in the batch-transfer hook, after the previous step.
+        transfer_dtype: ``"float32"`` (the loaders yield [0, 1] images) or ``"uint8"``: the
+            workers send the 8-bit crops (4x less data through shared memory, pinned memory and
+            the host-to-device copy) and the batch-transfer hooks (or
+            :func:`~ptame.data.gpu_decoding.decode_on_device`) turn them into the same float32
+            [0, 1] values on the device (:func:`to_unit_float`).
     """
 
     has_masks: bool = False
@@ -651,6 +675,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         jpeg_draft: bool = False,
         decode: str = "cpu",
         decode_ahead: int = 2,
+        transfer_dtype: str = "float32",
     ) -> None:
         super().__init__()
         _check_arguments(layout, val_size, test_size, batch_size, eval_batch_size, num_workers,
@@ -674,6 +699,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         if int(decode_ahead) < 0:
             raise ValueError(f"decode_ahead must be >= 0 (batches decoded ahead; 0: off), got {decode_ahead}")
         self.decode_ahead = int(decode_ahead)
+        if transfer_dtype not in TRANSFER_DTYPES:
+            raise ValueError(f"transfer_dtype must be one of {sorted(TRANSFER_DTYPES)}, got {transfer_dtype!r}")
+        self.transfer_dtype = TRANSFER_DTYPES[transfer_dtype]
         if self.decode == "gpu" and jpeg_draft:
             raise ValueError("jpeg_draft applies to CPU decoding only; use decode=cpu with it")
         self._class_names: list[str] | None = None
@@ -824,11 +852,11 @@ class ImageFolderDataModule(L.LightningDataModule):
         None: all); datasets already built are kept."""
         _ = self.class_names
         if stage in (None, "fit") and self.train_dataset is None:
-            transform = train_transform(self.resize_size, self.crop_size)
+            transform = train_transform(self.resize_size, self.crop_size, self.transfer_dtype)
             self.train_dataset = self._dataset(self.train_samples(), transform)
         if stage in (None, "fit", "validate", "test") and self.val_dataset is None:
             val, test = self.eval_samples()
-            transform = eval_transform(self.resize_size, self.crop_size)
+            transform = eval_transform(self.resize_size, self.crop_size, self.transfer_dtype)
             self.val_dataset = self._dataset(val, transform)
             self.test_dataset = self._dataset(test, transform)
 
@@ -845,6 +873,12 @@ class ImageFolderDataModule(L.LightningDataModule):
             from ptame.data.gpu_decoding import decode_on_device
 
             return decode_on_device(batch, self.trainer.strategy.root_device)
+        return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """8-bit batches (``transfer_dtype="uint8"``) become float32 [0, 1] on the device."""
+        if isinstance(batch, dict) and isinstance(batch.get("image"), Tensor) and batch["image"].dtype == torch.uint8:
+            batch = {**batch, "image": to_unit_float(batch["image"])}
         return batch
 
     def _loader(self, dataset: ImageSampleDataset | None, stage: str, train: bool) -> DataLoader:
