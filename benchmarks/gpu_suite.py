@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
     parser.add_argument("--skip", nargs="*", default=[], help="step names to leave out")
     parser.add_argument("--device", default="cuda", help="cpu: rehearse the suite's commands on CPU")
-    parser.add_argument("--decode", nargs="+", default=["gpu"],
+    parser.add_argument("--decode", nargs="+", default=["cpu"],
                         help="data.decode of the end-to-end runs (several: one training run each)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256],
                         help="batch sizes of the end-to-end training runs")

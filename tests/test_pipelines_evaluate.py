@@ -76,3 +76,18 @@ def test_mprt_and_methods_grid_are_written(evaluated):
     assert (run_dir / "mprt.png").read_bytes()[:4] == b"\x89PNG"
     with Image.open(run_dir / "methods_grid.png") as grid:
         assert grid.size == (round(1.9 * 5 * 100), round(1.9 * 2 * 100))
+
+
+def test_what_runs_after_lightning_goes_back_to_the_trainers_device():
+    """Lightning leaves a module on the CPU after fit/test; the final evaluation, the cost figures
+    and the analyses run where the trainer ran (a GPU), not there."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ptame.pipelines.common import back_on_device
+
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")))
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    assert back_on_device(trainer, module) == torch.device("meta")
+    assert module[0].weight.device.type == "meta"

@@ -20,6 +20,17 @@ def configure_torch(cfg: DictConfig) -> None:
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
 
 
+def back_on_device(trainer: Any, module: torch.nn.Module) -> torch.device:
+    """Move ``module`` back to the device ``trainer`` ran it on and return that device.
+
+    Lightning moves a module to the CPU when ``fit`` or ``test`` ends (its strategy's teardown);
+    what runs after it (the final evaluation, the cost figures, the analyses) belongs on the
+    trainer's device, not on the CPU."""
+    device = trainer.strategy.root_device
+    module.to(device)
+    return device
+
+
 def build_networks(cfg: DictConfig) -> tuple[Backbone, AuxiliaryFeatureExtractor]:
     """The frozen backbone and auxiliary of ``cfg.backbone`` / ``cfg.auxiliary``; in T-TAME mode
     (``auxiliary=from_backbone``, a config with a ``backbone`` key) the auxiliary reads the

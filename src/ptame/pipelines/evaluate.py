@@ -24,7 +24,7 @@ from ptame.evaluation.suite import ExplainerEvaluation, evaluate_costs
 from ptame.evaluation.tables import markdown_table, write_tables
 from ptame.explainers.base import Explainer
 from ptame.io import write_json_atomic
-from ptame.pipelines.common import configure_torch, group_option, group_options
+from ptame.pipelines.common import back_on_device, configure_torch, group_option, group_options
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +104,13 @@ def run_evaluation(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, 
     trainer.test(module, dataloaders=loader, verbose=False)
     if not trainer.is_global_zero:
         return module.results
+    device = back_on_device(trainer, module)  # Lightning's teardown left it on the CPU
     results = {name: dict(figures) for name, figures in module.results.items()}
     cost_images = cfg.get("cost_images", None)
     if cost_images is None or int(cost_images) > 0:  # null: one evaluation batch
-        images = decode_on_device(next(iter(loader)), module.device)["image"]
+        images = decode_on_device(next(iter(loader)), device)["image"]
         images = images[: int(cost_images)] if cost_images is not None else images
-        for name, cost in evaluate_costs(explainers, images.to(module.device), precision=module.precision).items():
+        for name, cost in evaluate_costs(explainers, images.to(device), precision=module.precision).items():
             results[name].update(cost)
     contributions = contribution_figures(explainers)  # Table 2's layer contributions
     for name, shares in contributions.items():
@@ -122,7 +123,7 @@ def run_evaluation(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, 
         print(format_layer_contributions(contributions))
     analysis = OmegaConf.to_container(cfg.analysis, resolve=True) if "analysis" in cfg else None
     paths.update(run_analyses(
-        analysis, run_dir, explainers, loader, module.device,
+        analysis, run_dir, explainers, loader, device,
         lambda name: build_explainer(name, cfg, backbone),
         getattr(datamodule, "class_names", None),
     ))

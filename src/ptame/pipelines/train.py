@@ -24,7 +24,7 @@ from ptame.explainers.baselines import CentreGaussianExplainer, RandomExplainer
 from ptame.io import write_json_atomic
 from ptame.metrics.localisation import check_pointing_tolerance
 from ptame.module import PTAMEModule
-from ptame.pipelines.common import build_networks, configure_torch
+from ptame.pipelines.common import back_on_device, build_networks, configure_torch
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     metrics = final_losses(trainer)
     if not trainer.is_global_zero:
         return metrics
+    back_on_device(trainer, module)  # Lightning's teardown left it on the CPU
     metrics.update(run_final_evaluation(cfg, module, datamodule, run_dir, loggers))
     metrics["explanation_resolution"] = float(module.ptame.resolution)
     write_json_atomic(run_dir / "metrics.json", metrics)
