@@ -35,3 +35,50 @@ def test_checkpoint_callback_writes_into_the_run_directory(tmp_path):
     callbacks = build_callbacks(cfg, tmp_path)
     checkpoint = next(c for c in callbacks if type(c).__name__ == "ModelCheckpoint")
     assert checkpoint.dirpath == str(tmp_path / "checkpoints") and checkpoint.save_last
+
+
+def test_overlay_titles_name_classes_the_dataset_has_and_number_the_others():
+    from ptame.pipelines.train import class_title
+
+    names = ["tench", "goldfish"]
+    assert [class_title(names, c) for c in (0, 1, 2, 999)] == ["tench", "goldfish", "class 2", "class 999"]
+    assert class_title(None, 7) == "class 7"
+
+
+def test_a_failing_figure_loses_neither_the_metrics_nor_the_checkpoint(tmp_path, monkeypatch):
+    """Each post-training step is independent: the overlay grid failing (as an IndexError on
+    class names once did) still leaves metrics.json with the final evaluation, the checkpoint,
+    and a file naming the failed step."""
+    import json
+
+    from ptame.pipelines import train
+
+    def broken_overlay_grid(*args, **kwargs):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(train, "overlay_grid", broken_overlay_grid)
+    cfg = compose_train([
+        "experiment=smoke", "run_name=test", "data.num_train=128", "data.num_val=32", "data.num_test=32",
+        "data.batch_size=32", "data.eval_batch_size=16", "backbone.epochs=1", "auxiliary.epochs=1",
+        f"paths.cache_dir={tmp_path / 'cache'}", "final_evaluation.max_images=8",
+        "final_evaluation.overlay_images=2",
+    ])
+    metrics = train.run_training(cfg, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved == metrics and "ptame/pointing_game" in saved
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "run" / "overlays.png").exists()
+    errors = (tmp_path / "run" / "post_training_errors.txt").read_text()
+    assert errors == "overlay figure: IndexError: list index out of range\n"
+
+
+def test_a_trainer_set_to_train_nothing_is_refused_before_anything_runs(tmp_path):
+    import pytest
+
+    from ptame.pipelines.train import run_training
+
+    for override, fix in (("trainer.max_epochs=0", "trainer.max_epochs >= 1"),
+                          ("+trainer.max_steps=0", "trainer.max_steps >= 1 or -1")):
+        with pytest.raises(ValueError, match=fix.replace("+", r"\+")):
+            run_training(compose_train(["experiment=smoke", override]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -355,6 +355,9 @@ def test_journal_survives_a_line_cut_short_by_a_crash(tmp_path, caplog):
     assert [r["status"] for r in state.values()] == ["completed", "failed"]
     assert "damaged" in caplog.text
     assert journal.path.read_text().splitlines()[2].startswith('{"trial": 1, "status": "failed"')
+    for _ in range(10):  # a resume reads the journal many times: one warning is enough
+        Journal(journal.path).latest()
+    assert caplog.text.count("line 2 is damaged") == 1
 
 
 def test_journal_refuses_non_finite_objectives_and_unknown_statuses(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -16,6 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from ptame.checkpoint import read_checkpoint
 from ptame.data.gpu_decoding import decode_on_device
 from ptame.evaluation.figures import overlay_grid
 from ptame.evaluation.suite import build_metrics, evaluate_explainers
@@ -80,52 +82,99 @@ def check_final_evaluation_settings(cfg: DictConfig) -> None:
         raise ValueError(f"final_evaluation.pointing_tolerance: {error}") from None
 
 
-def run_final_evaluation(
-    cfg: DictConfig, module: PTAMEModule, datamodule: Any, run_dir: Path, loggers: list[Logger]
-) -> dict[str, float]:
-    """After training: localisation against ground-truth masks (when the data has them) for
-    P-TAME, a random map and a centre Gaussian, printed as a table, and an overlay grid PNG."""
-    settings = cfg.get("final_evaluation") or {}
-    device = module.device
-    module.eval()
-    explainers = {
+def _final_explainers(cfg: DictConfig, module: PTAMEModule) -> dict[str, Any]:
+    """P-TAME and the two reference maps of the final evaluation and the overlay grid."""
+    return {
         "ptame": module.explainer(),
         "random": RandomExplainer(module.ptame.backbone, seed=int(cfg.seed)),
         "centre_gaussian": CentreGaussianExplainer(module.ptame.backbone),
     }
+
+
+def check_training_length(cfg: DictConfig) -> None:
+    """Refuse a trainer set to train nothing (``max_epochs=0`` or ``max_steps=0``): the run would
+    end with the metrics of an untrained head and no checkpoint."""
+    trainer = cfg.get("trainer") or {}
+    for key in ("max_epochs", "max_steps"):
+        value = trainer.get(key)
+        if value is not None and int(value) == 0:
+            raise ValueError(f"trainer.{key}=0 trains nothing (the run would report an untrained "
+                             f"head and write no checkpoint): give trainer.{key} >= 1"
+                             + (" or -1 (no step limit)" if key == "max_steps" else ""))
+
+
+def run_final_evaluation(cfg: DictConfig, module: PTAMEModule, datamodule: Any) -> dict[str, float]:
+    """After training: localisation against ground-truth masks (when the data has them) for
+    P-TAME, a random map and a centre Gaussian, printed as a table; ``{}`` without masks."""
+    settings = cfg.get("final_evaluation") or {}
+    device = module.device
+    module.eval()
     datamodule.setup("test")
-    results: dict[str, float] = {}
-    if getattr(datamodule, "has_masks", False):
-        tolerance = float(settings.get("pointing_tolerance") or 0.0)
-        localisation = {"localisation": True, "pointing_tolerance": tolerance}
-        # one process sees every image here (e.g. rank 0 after DDP training): never sync
-        suites = {
-            name: {key: metric.to(device) for key, metric in build_metrics(
-                module.ptame.backbone, localisation, has_masks=True, sync_on_compute=False).items()}
-            for name in explainers
-        }
-        figures = evaluate_explainers(explainers, suites, datamodule.test_dataloader(), device,
-                                      settings.get("max_images"), description="localisation")
-        results = {f"{name}/{key}": value for name, values in figures.items()
-                   for key, value in values.items()}
-        results["pointing_tolerance_px"] = tolerance
-        table = format_localisation_table(results, explainers, tolerance)
-        print(f"\nLocalisation on held-out images (explaining the backbone's prediction):\n{table}\n")
-    count = int(settings.get("overlay_images", 8))
-    if count > 0:
-        batch = decode_on_device(next(iter(datamodule.test_dataloader())), device)
-        images = batch["image"][:count].to(device)
-        with torch.no_grad():
-            predictions = module.ptame.backbone(images).argmax(dim=1)
-            maps = {name: explainer(images, predictions) for name, explainer in explainers.items()}
-        names = getattr(datamodule, "class_names", None)
-        titles = [str(names[p]) if names is not None else str(int(p)) for p in predictions]
-        path = overlay_grid(images, maps, run_dir / "overlays.png", row_titles=titles)
-        for logger in loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="overlays", images=[str(path)])
-        log.info("overlay grid written to %s", path)
+    if not getattr(datamodule, "has_masks", False):
+        return {}
+    explainers = _final_explainers(cfg, module)
+    tolerance = float(settings.get("pointing_tolerance") or 0.0)
+    localisation = {"localisation": True, "pointing_tolerance": tolerance}
+    # one process sees every image here (e.g. rank 0 after DDP training): never sync
+    suites = {
+        name: {key: metric.to(device) for key, metric in build_metrics(
+            module.ptame.backbone, localisation, has_masks=True, sync_on_compute=False).items()}
+        for name in explainers
+    }
+    figures = evaluate_explainers(explainers, suites, datamodule.test_dataloader(), device,
+                                  settings.get("max_images"), description="localisation")
+    results = {f"{name}/{key}": value for name, values in figures.items() for key, value in values.items()}
+    results["pointing_tolerance_px"] = tolerance
+    table = format_localisation_table(results, explainers, tolerance)
+    print(f"\nLocalisation on held-out images (explaining the backbone's prediction):\n{table}\n")
     return results
+
+
+def class_title(names: Sequence[str] | None, label: int) -> str:
+    """A figure's title for class ``label``: its name when ``names`` has one, else the index (a
+    folder dataset may name fewer classes than the backbone predicts, e.g. Imagenette's 10
+    against ImageNet's 1000)."""
+    if names is not None and 0 <= label < len(names):
+        return str(names[label])
+    return f"class {label}"
+
+
+def write_overlays(cfg: DictConfig, module: PTAMEModule, datamodule: Any, run_dir: Path,
+                   loggers: list[Logger]) -> Path | None:
+    """The overlay grid PNG of ``final_evaluation.overlay_images`` test images (P-TAME, random,
+    centre Gaussian) at ``run_dir/overlays.png``; None when switched off."""
+    count = int((cfg.get("final_evaluation") or {}).get("overlay_images", 8))
+    if count <= 0:
+        return None
+    device = module.device
+    module.eval()
+    datamodule.setup("test")
+    explainers = _final_explainers(cfg, module)
+    batch = decode_on_device(next(iter(datamodule.test_dataloader())), device)
+    images = batch["image"][:count].to(device)
+    with torch.no_grad():
+        predictions = module.ptame.backbone(images).argmax(dim=1)
+        maps = {name: explainer(images, predictions) for name, explainer in explainers.items()}
+    names = getattr(datamodule, "class_names", None)
+    titles = [class_title(names, int(p)) for p in predictions]
+    path = overlay_grid(images, maps, run_dir / "overlays.png", row_titles=titles)
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key="overlays", images=[str(path)])
+    log.info("overlay grid written to %s", path)
+    return path
+
+
+def _guarded(step: str, failures: list[str], function: Callable[[], Any]) -> Any:
+    """Run one post-training step; on failure log it (naming the step) and carry on, so that
+    one step's failure does not lose what the others compute."""
+    try:
+        return function()
+    except Exception as error:  # noqa: BLE001 - every failure is reported, none loses the run
+        failures.append(f"{step}: {type(error).__name__}: {error}")
+        log.error("after training, the %s failed (the checkpoints and the other outputs are kept): "
+                  "%s: %s", step, type(error).__name__, error, exc_info=log.isEnabledFor(logging.DEBUG))
+        return None
 
 
 def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
@@ -136,6 +185,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     """
     run_dir = Path(run_dir)
     check_final_evaluation_settings(cfg)
+    check_training_length(cfg)
     configure_torch(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
     module, datamodule = build_module(cfg)
@@ -146,13 +196,22 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume_from"))
+    resume_from = cfg.get("resume_from")
+    if resume_from is not None:  # read safely first: a clear error, and no pickled code is run
+        read_checkpoint(resume_from)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     metrics = final_losses(trainer)
     if not trainer.is_global_zero:
         return metrics
     back_on_device(trainer, module)  # Lightning's teardown left it on the CPU
-    metrics.update(run_final_evaluation(cfg, module, datamodule, run_dir, loggers))
+    # independent steps: metrics.json is written whatever happens to the figures, and the other way
+    failures: list[str] = []
+    metrics.update(_guarded("final evaluation", failures, lambda: run_final_evaluation(cfg, module, datamodule)) or {})
     metrics["explanation_resolution"] = float(module.ptame.resolution)
     write_json_atomic(run_dir / "metrics.json", metrics)
     log.info("metrics written to %s", run_dir / "metrics.json")
+    _guarded("overlay figure", failures, lambda: write_overlays(cfg, module, datamodule, run_dir, loggers))
+    if failures:
+        (run_dir / "post_training_errors.txt").write_text("\n".join(failures) + "\n")
+        log.error("%d post-training step(s) failed; see %s", len(failures), run_dir / "post_training_errors.txt")
     return metrics

@@ -62,6 +62,16 @@ def make_record(
     return record
 
 
+_WARNED_LINES: set[tuple[str, int, str]] = set()  # (journal, line number, line): warned once per process
+
+
+def _warn_once(path: Path, number: int, line: str, message: str) -> None:
+    key = (str(path.resolve()), number, line)
+    if key not in _WARNED_LINES:
+        _WARNED_LINES.add(key)
+        log.warning(message, path, number)
+
+
 class Journal:
     """Append-only JSON-lines journal at ``path`` (a ``<path>.lock`` file serialises writers)."""
 
@@ -94,7 +104,8 @@ class Journal:
             return reader.read(1) == b"\n"
 
     def records(self) -> list[dict[str, Any]]:
-        """Every readable record in order (damaged lines are skipped with a warning)."""
+        """Every readable record in order (damaged lines are skipped, with a warning once per
+        line and process however often the journal is read)."""
         if not self.path.is_file():
             return []
         records = []
@@ -106,20 +117,15 @@ class Journal:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                log.warning(
-                    "journal %s: line %d is damaged (cut short by a crash?) and is skipped",
-                    self.path,
-                    number,
-                )
+                _warn_once(self.path, number, line,
+                           "journal %s: line %d is damaged (cut short by a crash?) and is skipped")
                 continue
             if (
                 not isinstance(record, dict)
                 or any(k not in record for k in REQUIRED_KEYS)
                 or record["status"] not in STATUSES
             ):
-                log.warning(
-                    "journal %s: line %d is not a trial record and is skipped", self.path, number
-                )
+                _warn_once(self.path, number, line, "journal %s: line %d is not a trial record and is skipped")
                 continue
             records.append(record)
         return records
