@@ -7,7 +7,7 @@ import zlib
 import torch
 from torch import Tensor, nn
 
-from ptame.networks.frozen import Backbone, check_images
+from ptame.networks.frozen import Backbone, as_float32_images, check_image_values, check_images
 
 
 def image_content_seed(image: Tensor, seed: int) -> int:
@@ -45,18 +45,37 @@ class Explainer(nn.Module):
             return self.backbone(images).argmax(dim=1)
 
     def resolve_targets(self, images: Tensor, targets: Tensor | None) -> Tensor | None:
-        """Validate ``targets`` against the batch; default to the backbone's predictions."""
+        """Validate ``targets`` against the batch; default to the backbone's predictions.
+
+        Raises:
+            TypeError: targets that are not integer class ids (float or bool).
+            ValueError: a count other than the batch's, or an id outside [0, C).
+        """
         if targets is None:
             return self.predict(images) if self.backbone is not None else None
-        targets = torch.as_tensor(targets, device=images.device).long().view(-1)
+        targets = torch.as_tensor(targets, device=images.device)
+        if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
+            raise TypeError(f"{self.name}: targets must be integer class ids, got dtype {targets.dtype}; "
+                            "pass e.g. torch.tensor([3, 7]) (int64), or targets.long() if these are ids")
+        targets = targets.long().view(-1)
         if targets.shape[0] != images.shape[0]:
             raise ValueError(
                 f"{self.name}: got {targets.shape[0]} targets for {images.shape[0]} images"
             )
+        if targets.numel():
+            low, high = torch.stack([targets.min(), targets.max()]).tolist()
+            classes = self.backbone.class_count(images) if isinstance(self.backbone, Backbone) else None
+            if low < 0 or (classes is not None and high >= classes):
+                bad = low if low < 0 else high
+                valid = f"[0, {classes - 1}]" if classes is not None else ">= 0"
+                raise ValueError(f"{self.name}: target class {bad} is not a class of the backbone (valid: "
+                                 f"{valid}; a negative id would index from the end and explain another class)")
         return targets
 
     def forward(self, images: Tensor, targets: Tensor | None = None) -> Tensor:
         check_images(images, f"explainer {self.name!r}")
+        check_image_values(images, f"explainer {self.name!r}")
+        images = as_float32_images(images)
         maps = self.explain(images, self.resolve_targets(images, targets))
         expected = (images.shape[0], *images.shape[-2:])
         if tuple(maps.shape) != expected:

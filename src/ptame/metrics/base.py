@@ -17,6 +17,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from ptame.metrics.ranking import rank_positions, ranking
+from ptame.networks.frozen import IMAGE_RANGE_TOLERANCE, as_float32_images, check_image_values
 
 BackboneFn = Callable[[Tensor], Tensor]
 
@@ -80,15 +81,35 @@ def release_kept_pixels(maps: Tensor, fraction: float) -> Tensor:
     return (maps.flatten(1) > threshold).view_as(maps)
 
 
-def check_batch(images: Tensor, maps: Tensor, indices: Tensor | None, who: str) -> Tensor:
-    """Validate a metric update; returns indices (B,) int64 (arange when none are given)."""
+def check_batch(
+    images: Tensor, maps: Tensor, indices: Tensor | None, who: str, maps_in_unit_range: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Validate a metric update and return (images, maps, indices): float16/float64 images and
+    maps as float32, indices (B,) int64.
+
+    Raises a ValueError naming ``who``, the argument and the fix for: wrong shapes, images that
+    are not finite values in [0, 1] (e.g. 0-255 or normalised), maps with NaN or infinite values,
+    maps outside [0, 1] where their values are used (``maps_in_unit_range``: soft AD/IC), and
+    missing or miscounted indices.
+    """
     if images.ndim != 4:
         raise ValueError(f"{who}: images must be (B, C, H, W), got {tuple(images.shape)}")
     expected = (images.shape[0], *images.shape[-2:])
     if tuple(maps.shape) != expected:
         raise ValueError(f"{who}: maps must be (B, H, W) = {expected}, got {tuple(maps.shape)}")
-    if not torch.isfinite(maps).all():
+    if not images.is_floating_point():
+        raise ValueError(f"{who}: images must be float RGB in [0, 1], got dtype {images.dtype}; "
+                         "convert uint8 images with images.float() / 255")
+    check_image_values(images, who)
+    maps = as_float32_images(maps) if maps.is_floating_point() else maps.float()
+    if maps.numel() and not torch.isfinite(maps).all():
         raise ValueError(f"{who}: saliency maps contain NaN or infinite values")
+    if maps_in_unit_range and maps.numel():
+        low, high = torch.stack([maps.amin(), maps.amax()]).tolist()
+        if low < -IMAGE_RANGE_TOLERANCE or high > 1 + IMAGE_RANGE_TOLERANCE:
+            raise ValueError(f"{who}: soft masking multiplies the images by the maps, which must be in "
+                             f"[0, 1]; got values in [{low:.4g}, {high:.4g}]: normalise them (e.g. "
+                             "min-max per map) or use hard masking")
     if indices is None:
         raise ValueError(
             f"{who}: pass the images' dataset indices (batch['index']) so that padded "
@@ -97,7 +118,7 @@ def check_batch(images: Tensor, maps: Tensor, indices: Tensor | None, who: str) 
     indices = torch.as_tensor(indices, device=images.device).long().view(-1)
     if indices.shape[0] != images.shape[0]:
         raise ValueError(f"{who}: got {indices.shape[0]} indices for {images.shape[0]} images")
-    return indices
+    return as_float32_images(images), maps, indices
 
 
 def lookup_direction(directions: dict[str, str], key: str) -> str | None:

@@ -69,7 +69,9 @@ class AverageDropIncrease(PerImageMetric):
     @torch.no_grad()
     def update(self, images: Tensor, maps: Tensor, indices: Tensor | None = None) -> None:
         """images (B, 3, H, W) in [0, 1]; maps (B, H, W) in [0, 1] explaining c*; indices (B,)."""
-        indices = check_batch(images, maps, indices, "AverageDropIncrease")
+        images, maps, indices = check_batch(images, maps, indices, "AverageDropIncrease", maps_in_unit_range=self.soft)
+        if images.shape[0] == 0:
+            return
         probabilities = self.backbone(images).float().softmax(dim=1)
         predictions = probabilities.argmax(dim=1, keepdim=True)
         original = probabilities.gather(1, predictions).squeeze(1)

@@ -90,7 +90,9 @@ class InsertionDeletion(PerImageMetric):
     @torch.no_grad()
     def update(self, images: Tensor, maps: Tensor, indices: Tensor | None = None) -> None:
         """images (B, 3, H, W) in [0, 1]; maps (B, H, W); indices (B,) dataset indices."""
-        indices = check_batch(images, maps, indices, "InsertionDeletion")
+        images, maps, indices = check_batch(images, maps, indices, "InsertionDeletion")
+        if images.shape[0] == 0:
+            return
         targets = self.backbone(images).argmax(dim=1)
         order = ranking(maps, indices, self.seed, descending=True)
         insertion = self._curve(images, order, substrate(images, self.substrates["insertion"]), images, targets)

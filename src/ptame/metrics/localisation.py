@@ -113,6 +113,8 @@ class _LocalisationMetric(PerImageMetric):
     def update(self, maps: Tensor, masks: Tensor, indices: Tensor | None = None) -> None:
         """Add a batch: maps (B, H, W) saliency, masks (B, H, W) bool object masks, indices (B,)
         dataset indices (None numbers the images seen so far 0, 1, ... on this process)."""
+        if maps.shape[0] == 0:
+            return
         scores = self.score(maps, masks)
         if indices is None:
             offset = sum(int(i.numel()) for i in self.indices) if isinstance(self.indices, list) else 0

@@ -141,7 +141,9 @@ class ROAD(PerImageMetric):
     @torch.no_grad()
     def update(self, images: Tensor, maps: Tensor, indices: Tensor | None = None) -> None:
         """images (B, 3, H, W) in [0, 1]; maps (B, H, W); indices (B,) dataset indices."""
-        indices = check_batch(images, maps, indices, "ROAD")
+        images, maps, indices = check_batch(images, maps, indices, "ROAD")
+        if images.shape[0] == 0:
+            return
         batch, channels, height, width = images.shape
         predictions = self.backbone(images).argmax(dim=1)
         keep = self.removal_masks(maps, indices)  # (B, 2, P, H, W)

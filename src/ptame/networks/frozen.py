@@ -48,6 +48,39 @@ def check_images(images: Tensor, who: str) -> None:
         )
 
 
+#: values this far outside [0, 1] are accepted as float rounding (e.g. of a resize)
+IMAGE_RANGE_TOLERANCE = 1e-4
+
+
+def check_image_values(images: Tensor, who: str) -> None:
+    """Raise a ValueError naming ``who`` unless every value of ``images`` is finite and in [0, 1]
+    (up to :data:`IMAGE_RANGE_TOLERANCE`), saying what the values look like and the fix. One
+    host read: for the library's entry points (explainers, metrics), not the training step."""
+    if images.numel() == 0:
+        return
+    flat = images.detach().flatten()
+    finite, low, high = torch.stack([torch.isfinite(flat).all().to(flat.dtype), flat.nan_to_num().amin(),
+                                     flat.nan_to_num().amax()]).tolist()
+    if not finite:
+        raise ValueError(f"{who}: images contain NaN or infinite values; check the data loading and "
+                         "any transform before this call")
+    if low >= -IMAGE_RANGE_TOLERANCE and high <= 1 + IMAGE_RANGE_TOLERANCE:
+        return
+    if low >= 0 and high <= 255.5:
+        hint = "they look like 0-255 pixel values: divide them by 255"
+    elif low >= -1.0 - IMAGE_RANGE_TOLERANCE and high <= 1.0 + IMAGE_RANGE_TOLERANCE:
+        hint = "they look like [-1, 1] values: pass (images + 1) / 2"
+    else:
+        hint = ("they look normalised (mean/std): pass the unnormalised [0, 1] images, ptame's network "
+                "wrappers normalise inside")
+    raise ValueError(f"{who}: images must be float RGB in [0, 1], got values in [{low:.4g}, {high:.4g}]; {hint}")
+
+
+def as_float32_images(images: Tensor) -> Tensor:
+    """float16 and float64 images as float32 (the networks' and metrics' dtype); others as they are."""
+    return images.float() if images.dtype in (torch.float16, torch.float64) else images
+
+
 def weights_fingerprint(module: nn.Module) -> str:
     """SHA-256 (first 16 hex digits) of a module's parameters and buffers, in state_dict order.
 
@@ -121,11 +154,21 @@ class Backbone(FrozenNetwork):
 
     def forward(self, images: Tensor) -> Tensor:
         check_images(images, f"backbone {self.name!r}")
-        logits = self.model(self.normalize(images))
+        logits = self.model(self.normalize(as_float32_images(images)))
         if not isinstance(logits, Tensor) or logits.ndim != 2:
             shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
             raise ValueError(f"backbone {self.name!r} must return logits (B, C), got {shape}")
         return logits
+
+    def class_count(self, images: Tensor) -> int:
+        """The number of classes C of the logits (one forward of ``images[:1]`` the first time,
+        remembered after it)."""
+        count = self.__dict__.get("_class_count")
+        if count is None:
+            with torch.no_grad():
+                count = int(self(images[:1]).shape[1])
+            self.__dict__["_class_count"] = count
+        return count
 
 
 class AuxiliaryFeatureExtractor(FrozenNetwork):
@@ -152,7 +195,7 @@ class AuxiliaryFeatureExtractor(FrozenNetwork):
 
     def forward(self, images: Tensor) -> list[Tensor]:
         check_images(images, f"auxiliary {self.name!r}")
-        outputs = self.model(self.normalize(images))
+        outputs = self.model(self.normalize(as_float32_images(images)))
         if isinstance(outputs, dict):
             return [outputs[layer] for layer in self.layers]
         return list(outputs)
