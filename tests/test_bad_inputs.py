@@ -197,3 +197,163 @@ def test_an_empty_batch_leaves_every_metric_unchanged():
         metric.update(images[:0], maps[:0], torch.arange(0))
         after = metric.compute()
         assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), who
+
+
+# ---- image files -----------------------------------------------------------------------------
+
+
+def test_16_bit_greyscale_pngs_keep_their_dynamic_range(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from ptame.data.imagefolder import load_rgb_image
+
+    ramp = np.linspace(0, 65535, 32 * 64).reshape(32, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "depth.png")
+    assert Image.open(tmp_path / "depth.png").mode == "I;16"
+    loaded = np.asarray(load_rgb_image(tmp_path / "depth.png")).astype(np.float64)
+    assert loaded.shape == (32, 64, 3) and (loaded[..., 0] == loaded[..., 2]).all()
+    assert np.abs(loaded[..., 0] - ramp / 257).max() <= 0.5  # not clipped to white above 255
+    assert loaded.min() == 0 and loaded.max() == 255 and np.median(loaded) == pytest.approx(127.5, abs=1)
+    floats = np.linspace(0, 1, 16 * 16, dtype=np.float32).reshape(16, 16)
+    Image.fromarray(floats, mode="F").save(tmp_path / "float.tiff")
+    assert np.asarray(load_rgb_image(tmp_path / "float.tiff"))[..., 1].max() == 255
+
+
+def test_photos_are_turned_upright_by_their_exif_orientation_but_dataset_images_are_not(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from ptame.data.imagefolder import load_rgb_image
+
+    pixels = np.zeros((40, 60, 3), dtype=np.uint8)
+    pixels[:, :30] = (250, 10, 10)  # left half red, as stored
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    image.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    stored = np.asarray(load_rgb_image(tmp_path / "phone.jpg"))
+    upright = np.asarray(load_rgb_image(tmp_path / "phone.jpg", exif_orientation=True))
+    assert stored.shape == (40, 60, 3) and upright.shape == (60, 40, 3)
+    assert upright[:30, :, 0].mean() > 200 and upright[30:, :, 0].mean() < 50  # red on top once upright
+
+
+# ---- unreadable files in a dataset: data.bad_images ------------------------------------------
+
+
+def _folder_with_bad_files(root, bad: int = 2):
+    """train/ and val/ with classes a and b, 6 good JPEGs each, plus ``bad`` corrupt files in
+    train/a and val/a (a truncated JPEG, a zero-byte file, ...)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for index in range(6):
+                pixels = np.full((40, 50, 3), 60 + 120 * (label == "b") + index, dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index}.JPEG")
+        encoded = io.BytesIO()
+        Image.fromarray(np.zeros((40, 50, 3), dtype=np.uint8)).save(encoded, format="JPEG")
+        kinds = [encoded.getvalue()[:60], b"", b"not an image at all"]
+        for number in range(bad):
+            (root / split / "a" / f"bad{number}.JPEG").write_bytes(kinds[number % len(kinds)])
+    return root
+
+
+def _module(root, **kwargs):
+    from ptame.data.imagefolder import ImageFolderDataModule
+
+    defaults = dict(val_size=4, test_size=10, resize_size=32, crop_size=28, batch_size=4, eval_batch_size=4,
+                    num_workers=0, pin_memory=False)
+    return ImageFolderDataModule(root, **{**defaults, **kwargs})
+
+
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_skip_leaves_unreadable_files_out_and_records_each_once(tmp_path, caplog, decode):
+    from ptame.data.imagefolder import ImageReadError
+
+    root = _folder_with_bad_files(tmp_path / "data")
+    module = _module(root, decode=decode, max_bad_share=0.5)
+    assert module.use_bad_image_policy("skip", tmp_path / "run" / "skipped_images.txt") == "skip"
+    module.setup("fit")
+    seen = []
+    for _ in range(2):  # two epochs: each bad file is logged and written once
+        for batch in module.train_dataloader():
+            batch = module.on_before_batch_transfer(batch, 0)
+            assert "skipped" not in batch
+            seen += batch["path"]
+    # 3 batches of 4 slots per epoch (drop_last), minus the slots the bad files drew
+    assert not any("bad" in path for path in seen) and 2 * 12 - 4 <= len(seen) <= 2 * 12
+    listed = (tmp_path / "run" / "skipped_images.txt").read_text().splitlines()
+    assert sorted(line.split(": ")[0].rsplit("/", 1)[1] for line in listed) == ["bad0.JPEG", "bad1.JPEG"]
+    assert caplog.text.count("skipped an unreadable image") == 2 and len(module.skipped_images) == 2
+    strict = _module(root, decode=decode)
+    strict.use_bad_image_policy("error")
+    strict.setup("fit")
+    with pytest.raises(ImageReadError, match="bad[01].JPEG"):
+        for batch in strict.train_dataloader():
+            pass
+
+
+def test_a_batch_of_unreadable_files_only_comes_out_empty():
+    from ptame.data.bad_images import SkippingCollate
+
+    batch = SkippingCollate(28, torch.uint8)([{"skipped": "x.JPEG: broken", "index": 3}])
+    assert batch["image"].shape == (0, 3, 28, 28) and batch["image"].dtype == torch.uint8
+    assert batch["label"].numel() == batch["index"].numel() == 0 and batch["skipped"] == ["x.JPEG: broken"]
+
+
+def test_too_many_unreadable_files_end_the_run_naming_the_share(tmp_path):
+    from ptame.data.bad_images import TooManyBadImagesError
+
+    root = _folder_with_bad_files(tmp_path / "data", bad=3)
+    module = _module(root, max_bad_share=0.1)  # 3 of 15 training images is 20 %
+    module.use_bad_image_policy("skip", tmp_path / "skipped_images.txt")
+    module.setup("fit")
+    with pytest.raises(TooManyBadImagesError, match=r"2 of 15 images could not be read, more than "
+                                                    r"data.max_bad_share=0.1 allows; the list is in"):
+        for batch in module.train_dataloader():
+            module.on_before_batch_transfer(batch, 0)
+    configured = _module(root, bad_images="error")  # the configured policy wins over the entry point's
+    assert configured.use_bad_image_policy("skip") == "error"
+
+
+def test_an_evaluation_with_skip_reports_the_images_it_covered(tmp_path):
+    import lightning as L
+
+    from ptame.evaluation.suite import ExplainerEvaluation
+    from ptame.explainers import CentreGaussianExplainer
+
+    from .helpers.networks import make_backbone
+
+    root = _folder_with_bad_files(tmp_path / "data")
+    module = _module(root, val_size=2, test_size=12, max_bad_share=0.5)
+    module.use_bad_image_policy("skip")
+    module.setup("test")
+    backbone = make_backbone()
+    evaluation = ExplainerEvaluation({"centre": CentreGaussianExplainer(backbone)}, backbone,
+                                     {"adic": {"thresholds": [50]}, "localisation": False}, has_masks=False,
+                                     skipped_images=module.skipped_images)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.test(evaluation, dataloaders=module.test_dataloader(), verbose=False)
+    bad_in_test = sum("bad" in path for path, _ in module.test_dataset.samples)
+    assert bad_in_test >= 1
+    assert evaluation.results["centre"]["images_evaluated"] == 12 - bad_in_test
+    assert len(module.skipped_images) == bad_in_test
+
+
+def test_results_json_lists_the_skipped_files_beside_the_methods(tmp_path):
+    import json
+
+    from ptame.evaluation.tables import write_tables
+
+    results = {"ptame": {"AD@50": 10.0, "images_evaluated": 1998.0, "images_skipped": 2.0}}
+    write_tables(tmp_path, results, {"skipped_images": ["a.JPEG: truncated", "b.JPEG: empty"]})
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["skipped_images"] == ["a.JPEG: truncated", "b.JPEG: empty"] and saved["ptame"] == results["ptame"]
+    assert "skipped_images" not in (tmp_path / "results.md").read_text()

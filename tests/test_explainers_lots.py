@@ -192,9 +192,11 @@ def test_bad_options_fail_clearly(kwargs, message):
 
 
 def test_class_target_outside_the_class_features_fails_clearly():
-    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
-    explainer = LOTSExplainer(identity_backbone(model), target="class", class_features=torch.zeros(2, 2))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))  # 3 classes, features of 2 of them
+    explainer = LOTSExplainer(identity_backbone(model), target="class", class_features=torch.zeros(2, 3))
     with pytest.raises(ValueError, match="outside the 2 classes"):
+        explainer(torch.rand(1, 3, 2, 2), torch.tensor([2]))
+    with pytest.raises(ValueError, match=r"target class 5 is not a class of the backbone \(valid: \[0, 2\]"):
         explainer(torch.rand(1, 3, 2, 2), torch.tensor([5]))
 
 

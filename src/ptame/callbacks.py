@@ -120,7 +120,8 @@ class FaithfulnessEvaluation(L.Callback):
         results = evaluate_explainers({"ptame": pl_module.explainer()}, {"ptame": suite},
                                       self._loader(trainer), pl_module.device,
                                       description="faithfulness",
-                                      precision=str(self.metrics.get("precision", "float32")))
+                                      precision=str(self.metrics.get("precision", "float32")),
+                                      skipped=getattr(trainer.datamodule, "skipped_images", None))
         figures = results["ptame"]
         self.last_results = figures
         for key, value in figures.items():

@@ -211,7 +211,9 @@ class PTAMEModule(L.LightningModule):
         terms["mean_map"] = target_maps.detach().float().mean()
         return terms
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        if batch["image"].shape[0] == 0:  # every file of the batch was skipped (data.bad_images)
+            return None
         terms = self.compute_loss(batch["image"])
         self._watch_finite(terms)
         batch_size = batch["image"].shape[0]
@@ -241,6 +243,8 @@ class PTAMEModule(L.LightningModule):
                 )
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        if batch["image"].shape[0] == 0:  # every file of the batch was skipped (data.bad_images)
+            return
         terms = self.compute_loss(batch["image"])
         batch_size = batch["image"].shape[0]
         for key, value in terms.items():

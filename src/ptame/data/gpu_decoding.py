@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from ptame.data.bad_images import skipped_item
 from ptame.data.imagefolder import (
     CropPlan,
     ImageReadError,
@@ -64,10 +65,10 @@ class EncodedImageDataset(ImageSampleDataset):
     :func:`collate_encoded` and decode with :func:`decode_on_device`.
     """
 
-    def __init__(self, samples: Sequence[tuple[str, int]], transform: PlannedCrop) -> None:
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: PlannedCrop, bad_images: str = "error") -> None:
         if not isinstance(transform, PlannedCrop):
             raise TypeError("EncodedImageDataset needs a PlannedCrop transform (train_transform / eval_transform)")
-        super().__init__(samples, transform)
+        super().__init__(samples, transform, bad_images=bad_images)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = self._check_index(index)
@@ -82,13 +83,17 @@ class EncodedImageDataset(ImageSampleDataset):
                 data = handle.read()
             with Image.open(io.BytesIO(data)) as header:  # reads the header only
                 decodable, height, width = gpu_decodable(header), header.height, header.width
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            if decodable and data:
+                item["encoded"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                item["plan"] = self.transform.plan(height, width).as_tensor()
+            else:
+                item["image"] = self.transform(load_rgb_image(path))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, ImageReadError) as err:
+            if self.bad_images == "skip":
+                return skipped_item(path, err, index)
+            if isinstance(err, ImageReadError):
+                raise
             raise ImageReadError(f"cannot read image file {os.fspath(path)!r}: {err}") from err
-        if decodable and data:
-            item["encoded"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            item["plan"] = self.transform.plan(height, width).as_tensor()
-        else:
-            item["image"] = self.transform(load_rgb_image(path))
         return item
 
 

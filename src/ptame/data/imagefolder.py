@@ -33,10 +33,12 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
+
+from ptame.data.bad_images import SkippedImages, SkippingCollate, check_policy, skipped_item
 
 IMG_EXTENSIONS: tuple[str, ...] = (
     ".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
@@ -58,13 +60,41 @@ class ImageReadError(OSError):
 # --------------------------------------------------------------------------------------------
 
 
-def load_rgb_image(path: str | os.PathLike[str], draft_size: int | None = None) -> Image.Image:
+#: PIL modes of 16-bit greyscale images (PNG, TIFF), which ``convert("RGB")`` would clip to 255
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _eight_bit_grey(img: Image.Image) -> Image.Image | None:
+    """An 8-bit ("L") copy of a high-dynamic-range greyscale image with its real range: 16-bit
+    values / 257 (0..65535 -> 0..255, rounded), 32-bit integers up to 255 as they are and above
+    as 16-bit, float ("F") images in [0, 1] x 255 else clipped to [0, 255]; None for other modes."""
+    if img.mode in _SIXTEEN_BIT_MODES or img.mode == "I":
+        values = np.asarray(img).astype(np.float64)
+        if img.mode == "I" and values.max(initial=0) <= 255:
+            scaled = values
+        else:
+            scaled = values / 257.0
+    elif img.mode == "F":
+        values = np.asarray(img).astype(np.float64)
+        scaled = values * 255.0 if values.max(initial=0) <= 1.0 else values
+    else:
+        return None
+    return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
+def load_rgb_image(
+    path: str | os.PathLike[str], draft_size: int | None = None, exif_orientation: bool = False
+) -> Image.Image:
     """Open an image file and return it decoded as an 8-bit RGB PIL image.
 
     Greyscale, CMYK, palette and RGBA images are converted to RGB (alpha is dropped, as in
-    torchvision's default loader). With ``draft_size`` a JPEG is decoded at the smallest DCT
-    scale (1/2, 1/4, 1/8) that keeps both sides >= ``draft_size`` pixels, a large speed-up before
-    ``Resize(draft_size)`` at the cost of slightly different pixel values.
+    torchvision's default loader); 16-bit (and 32-bit or float) greyscale images keep their
+    dynamic range (:func:`_eight_bit_grey`; PIL's own conversion clips them to white). With
+    ``draft_size`` a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both
+    sides >= ``draft_size`` pixels, a large speed-up before ``Resize(draft_size)`` at the cost of
+    slightly different pixel values. With ``exif_orientation`` the EXIF orientation tag is
+    applied (user photos: figures, explanations); the datasets keep ImageNet's standard decoding,
+    which ignores it.
 
     Raises:
         ImageReadError: the file is missing, truncated or not a decodable image; the message
@@ -74,6 +104,11 @@ def load_rgb_image(path: str | os.PathLike[str], draft_size: int | None = None) 
         with Image.open(path) as img:
             if draft_size is not None:
                 img.draft("RGB", (draft_size, draft_size))
+            if exif_orientation:
+                img = ImageOps.exif_transpose(img)
+            grey = _eight_bit_grey(img)
+            if grey is not None:
+                return grey.convert("RGB")
             if img.mode == "P" and "transparency" in img.info:
                 return img.convert("RGBA").convert("RGB")
             return img.convert("RGB")
@@ -264,6 +299,9 @@ class ImageSampleDataset(Dataset[dict[str, Any]]):
         samples: (image path, class label) pairs; the order defines the indices.
         transform: maps an RGB PIL image to a (3, H, W) float tensor in [0, 1].
         draft_size: passed to :func:`load_rgb_image` (JPEG draft decoding), or None.
+        bad_images: ``"error"`` (an unreadable file raises :class:`ImageReadError`) or
+            ``"skip"`` (its item is :func:`~ptame.data.bad_images.skipped_item`, left out of
+            the batch by :class:`~ptame.data.bad_images.SkippingCollate`).
     """
 
     def __init__(
@@ -271,11 +309,13 @@ class ImageSampleDataset(Dataset[dict[str, Any]]):
         samples: Sequence[Sample],
         transform: Callable[[Image.Image], Tensor],
         draft_size: int | None = None,
+        bad_images: str = "error",
     ) -> None:
         self._paths = _PathTable([os.fspath(p) for p, _ in samples])
         self._labels = np.asarray([int(label) for _, label in samples], dtype=np.int64)
         self.transform = transform
         self.draft_size = draft_size
+        self.bad_images = check_policy(bad_images)
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -302,7 +342,12 @@ class ImageSampleDataset(Dataset[dict[str, Any]]):
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = self._check_index(index)
         path = self._paths[index]
-        image = self.transform(load_rgb_image(path, self.draft_size))
+        try:
+            image = self.transform(load_rgb_image(path, self.draft_size))
+        except ImageReadError as error:
+            if self.bad_images == "error":
+                raise
+            return skipped_item(path, error, index)
         return {
             "image": image,
             "label": torch.tensor(int(self._labels[index]), dtype=torch.int64),
@@ -646,6 +691,10 @@ class ImageFolderDataModule(L.LightningDataModule):
             the host-to-device copy) and the batch-transfer hooks (or
             :func:`~ptame.data.gpu_decoding.decode_on_device`) turn them into the same float32
             [0, 1] values on the device (:func:`to_unit_float`).
+        bad_images: ``"error"``, ``"skip"`` (:mod:`ptame.data.bad_images`) or None: the entry
+            point's default (train.py: skip, evaluate.py: error; the datamodule alone: error).
+        max_bad_share: with ``skip``, the run fails once more than this share of the training
+            set (of the evaluated set without one) is unreadable.
     """
 
     has_masks: bool = False
@@ -676,6 +725,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         decode: str = "cpu",
         decode_ahead: int = 2,
         transfer_dtype: str = "float32",
+        bad_images: str | None = None,
+        max_bad_share: float = 0.01,
     ) -> None:
         super().__init__()
         _check_arguments(layout, val_size, test_size, batch_size, eval_batch_size, num_workers,
@@ -702,6 +753,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         if transfer_dtype not in TRANSFER_DTYPES:
             raise ValueError(f"transfer_dtype must be one of {sorted(TRANSFER_DTYPES)}, got {transfer_dtype!r}")
         self.transfer_dtype = TRANSFER_DTYPES[transfer_dtype]
+        self.bad_images = check_policy(bad_images) if bad_images is not None else None
+        self.skipped_images = SkippedImages(max_share=max_bad_share)
         if self.decode == "gpu" and jpeg_draft:
             raise ValueError("jpeg_draft applies to CPU decoding only; use decode=cpu with it")
         self._class_names: list[str] | None = None
@@ -860,15 +913,29 @@ class ImageFolderDataModule(L.LightningDataModule):
             self.val_dataset = self._dataset(val, transform)
             self.test_dataset = self._dataset(test, transform)
 
+    def use_bad_image_policy(self, default: str, file: str | os.PathLike[str] | None = None) -> str:
+        """Set ``bad_images`` to the entry point's ``default`` where the config left it None, and
+        the file that lists skipped images (``<run dir>/skipped_images.txt``); call before the
+        datasets are built (setup). Returns the policy in force."""
+        if self.train_dataset is not None or self.val_dataset is not None:
+            raise RuntimeError("use_bad_image_policy must be called before setup()")
+        if self.bad_images is None:
+            self.bad_images = check_policy(default)
+        self.skipped_images.file = Path(file) if file is not None else None
+        return self.bad_images
+
     def _dataset(self, samples: list[Sample], transform: PlannedCrop) -> ImageSampleDataset:
+        policy = self.bad_images or "error"
         if self.decode == "gpu":
             from ptame.data.gpu_decoding import EncodedImageDataset
 
-            return EncodedImageDataset(samples, transform)
-        return ImageSampleDataset(samples, transform, self.resize_size if self.jpeg_draft else None)
+            return EncodedImageDataset(samples, transform, bad_images=policy)
+        return ImageSampleDataset(samples, transform, self.resize_size if self.jpeg_draft else None, policy)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """With GPU decoding: decode and crop the batch on the trainer's device."""
+        """Record the files skipped by ``bad_images=skip``; with GPU decoding, decode and crop
+        the batch on the trainer's device."""
+        batch = self.skipped_images.record(batch)
         if self.decode == "gpu" and self.trainer is not None:
             from ptame.data.gpu_decoding import decode_on_device
 
@@ -892,14 +959,19 @@ class ImageFolderDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
         )
+        skipping = dataset.bad_images == "skip"
+        if skipping and (train or self.skipped_images.total is None):
+            self.skipped_images.total = len(dataset)  # the share counts against the training set
         if self.decode != "gpu":
-            return DataLoader(dataset, **settings)
+            collate = SkippingCollate(self.crop_size, self.transfer_dtype) if skipping else None
+            return DataLoader(dataset, collate_fn=collate, **settings)
         from ptame.data.gpu_decoding import DecodeAheadLoader, collate_encoded
 
+        collate = SkippingCollate(self.crop_size, self.transfer_dtype, collate_encoded) if skipping else collate_encoded
         if self.trainer is not None and self.decode_ahead > 0:  # decode the next batches during this step
-            return DecodeAheadLoader(dataset, collate_fn=collate_encoded, decode_device=self.trainer.strategy.root_device,
+            return DecodeAheadLoader(dataset, collate_fn=collate, decode_device=self.trainer.strategy.root_device,
                                      decode_depth=self.decode_ahead, **settings)
-        return DataLoader(dataset, collate_fn=collate_encoded, **settings)
+        return DataLoader(dataset, collate_fn=collate, **settings)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches of ``batch_size``; the last incomplete batch is dropped."""

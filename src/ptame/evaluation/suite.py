@@ -19,6 +19,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from tqdm.auto import tqdm
 
+from ptame.data.bad_images import UNOWNED, SkippedImages
 from ptame.data.gpu_decoding import decode_on_device
 from ptame.explainers.base import Explainer
 from ptame.metrics import (
@@ -29,6 +30,7 @@ from ptame.metrics import (
     PointingGame,
     measure_cost,
 )
+from ptame.metrics.base import PerImageMetric
 from ptame.networks.frozen import Backbone
 
 # Metrics that compare maps with ground-truth object masks.
@@ -144,6 +146,9 @@ def compute_metrics(metrics: Mapping[str, Metric]) -> tuple[dict[str, float], di
         if isinstance(metric, ROAD):
             curves = {key: [float(v) for v in values] for key, values in metric.curves().items()}
             curves["percentages"] = list(metric.percentages)
+    counted = [metric for metric in metrics.values() if isinstance(metric, PerImageMetric)]
+    if counted:  # distinct images behind the figures, over every process
+        figures["images_evaluated"] = float(counted[0].per_image()[0].numel())
     return figures, curves
 
 
@@ -160,6 +165,7 @@ def evaluate_explainers(
     max_images: int | None = None,
     description: str = "evaluation",
     precision: str = "float32",
+    skipped: SkippedImages | None = None,
 ) -> dict[str, dict[str, float]]:
     """Run every explainer over ``batches`` (at most ``max_images`` images) into its suite and
     return ``{name: figures}`` (:func:`compute_metrics`).
@@ -172,10 +178,13 @@ def evaluate_explainers(
         max_images: stop after this many images (None: all).
         description: the progress bar's label.
         precision: see :func:`metric_precision`.
+        skipped: records the files a ``bad_images=skip`` loader left out (None: logged once each).
     """
     seen = 0
     for batch in tqdm(batches, desc=description, leave=False):
-        batch = decode_on_device(batch, device)
+        batch = decode_on_device((skipped or UNOWNED).record(batch), device)
+        if batch["image"].shape[0] == 0:  # every file of the batch was skipped
+            continue
         if max_images is not None:
             batch = _first_images(batch, max_images - seen)
         evaluate_batch(explainers, suites, batch, device, precision)
@@ -200,6 +209,7 @@ class ExplainerEvaluation(L.LightningModule):
         backbone: Backbone,
         settings: Mapping[str, Any],
         has_masks: bool,
+        skipped_images: SkippedImages | None = None,
     ) -> None:
         super().__init__()
         self.explainers = torch.nn.ModuleDict(dict(explainers))
@@ -208,6 +218,7 @@ class ExplainerEvaluation(L.LightningModule):
             {name: torch.nn.ModuleDict(build_metrics(backbone, settings, has_masks)) for name in explainers}
         )
         self.precision = str(settings.get("precision", "float32"))
+        self.skipped_images = skipped_images if skipped_images is not None else UNOWNED
         self.results: dict[str, dict[str, float]] = {}
         self.curves: dict[str, dict[str, list[float]]] = {}
 
@@ -215,10 +226,13 @@ class ExplainerEvaluation(L.LightningModule):
         self.backbone.to(self.device)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """GPU decoding (``data.decode=gpu``): decode and crop on this process's device."""
-        return decode_on_device(batch, self.device)
+        """Record the files ``bad_images=skip`` left out; GPU decoding (``data.decode=gpu``):
+        decode and crop on this process's device."""
+        return decode_on_device(self.skipped_images.record(batch), self.device)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        if batch["image"].shape[0] == 0:  # every file of the batch was skipped
+            return
         evaluate_batch(self.explainers, self.metric_suites, batch, precision=self.precision)
 
     def on_test_epoch_end(self) -> None:

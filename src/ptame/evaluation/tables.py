@@ -15,6 +15,7 @@ import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from ptame.evaluation.contributions import CONTRIBUTION_PREFIX
 from ptame.io import write_json_atomic, write_text_atomic
@@ -89,11 +90,14 @@ def csv_table(results: Mapping[str, Mapping[str, float]]) -> str:
     return buffer.getvalue()
 
 
-def write_tables(run_dir: str | Path, results: Mapping[str, Mapping[str, float]]) -> dict[str, Path]:
-    """Write results.json, results.csv, results.md and results.tex into ``run_dir``."""
+def write_tables(
+    run_dir: str | Path, results: Mapping[str, Mapping[str, float]], extra: Mapping[str, Any] | None = None
+) -> dict[str, Path]:
+    """Write results.json, results.csv, results.md and results.tex into ``run_dir``; ``extra``
+    entries (e.g. ``skipped_images``) go into results.json beside the methods."""
     run_dir = Path(run_dir)
     return {
-        "json": write_json_atomic(run_dir / "results.json", results),
+        "json": write_json_atomic(run_dir / "results.json", {**results, **(extra or {})}),
         "csv": write_text_atomic(run_dir / "results.csv", csv_table(results)),
         "md": write_text_atomic(run_dir / "results.md", markdown_table(results)),
         "tex": write_latex_table(run_dir / "results.tex", results),

@@ -165,8 +165,8 @@ class Backbone(FrozenNetwork):
         remembered after it)."""
         count = self.__dict__.get("_class_count")
         if count is None:
-            with torch.no_grad():
-                count = int(self(images[:1]).shape[1])
+            with torch.no_grad():  # not through forward: forward-counting hooks must not see it
+                count = int(self.model(self.normalize(as_float32_images(images[:1]))).shape[1])
             self.__dict__["_class_count"] = count
         return count
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from ptame.data.bad_images import SkippedImages
 from ptame.data.gpu_decoding import decode_on_device
 from ptame.evaluation.contributions import contribution_figures, format_layer_contributions
 from ptame.evaluation.figures import explanation_grid, plot_road_curves
@@ -27,6 +28,16 @@ from ptame.io import write_json_atomic
 from ptame.pipelines.common import back_on_device, configure_torch, group_option, group_options
 
 log = logging.getLogger(__name__)
+
+
+def skipped_files(trainer: L.Trainer, skipped: SkippedImages) -> list[str]:
+    """Every process's skipped files (``bad_images=skip``), sorted, on every process."""
+    entries = list(skipped.entries.values())
+    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered: list[list[str]] = [[] for _ in range(trainer.world_size)]
+        torch.distributed.all_gather_object(gathered, entries)
+        entries = [entry for part in gathered for entry in part]
+    return sorted(set(entries))
 
 
 def build_explainer(
@@ -87,6 +98,8 @@ def run_evaluation(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, 
     configure_torch(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
     datamodule = instantiate(cfg.data)
+    if hasattr(datamodule, "use_bad_image_policy"):  # image files: evaluation stops at an unreadable one
+        datamodule.use_bad_image_policy("error", run_dir / "skipped_images.txt")
     backbone = instantiate(cfg.backbone)
     names = list(cfg.explainers)
     if not names:
@@ -96,16 +109,21 @@ def run_evaluation(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, 
     module = ExplainerEvaluation(
         explainers, backbone, OmegaConf.to_container(cfg.metrics, resolve=True),
         has_masks=bool(getattr(datamodule, "has_masks", False)),
+        skipped_images=getattr(datamodule, "skipped_images", None),
     )
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=False, callbacks=[], inference_mode=False,
         enable_checkpointing=False, default_root_dir=str(run_dir),
     )
     trainer.test(module, dataloaders=loader, verbose=False)
+    skipped = skipped_files(trainer, module.skipped_images)
     if not trainer.is_global_zero:
         return module.results
     device = back_on_device(trainer, module)  # Lightning's teardown left it on the CPU
     results = {name: dict(figures) for name, figures in module.results.items()}
+    if skipped:  # a table must never silently cover fewer images
+        for figures in results.values():
+            figures["images_skipped"] = float(len(skipped))
     cost_images = cfg.get("cost_images", None)
     if cost_images is None or int(cost_images) > 0:  # null: one evaluation batch
         images = decode_on_device(next(iter(loader)), device)["image"]
@@ -115,7 +133,7 @@ def run_evaluation(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, 
     contributions = contribution_figures(explainers)  # Table 2's layer contributions
     for name, shares in contributions.items():
         results[name].update(shares)
-    paths = write_tables(run_dir, results)
+    paths = write_tables(run_dir, results, {"skipped_images": skipped} if skipped else None)
     if any(module.curves.get(method) for method in module.curves):
         paths["png"] = plot_road_curves(module.curves, run_dir / "road_curves.png")
     print(f"\nResults on {len(loader.dataset)} test images:\n{markdown_table(results)}")

@@ -68,7 +68,7 @@ def load_images(files: Sequence[str], size: int) -> Tensor:
     from ptame.data.imagefolder import eval_transform, load_rgb_image
 
     transform = eval_transform(round(size * 256 / 224), size)
-    return torch.stack([transform(load_rgb_image(file)) for file in files])
+    return torch.stack([transform(load_rgb_image(file, exif_orientation=True)) for file in files])
 
 
 def generated_images(recipe: Mapping[str, Any], count: int, split: str = "test") -> Tensor:

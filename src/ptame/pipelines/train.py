@@ -122,7 +122,8 @@ def run_final_evaluation(cfg: DictConfig, module: PTAMEModule, datamodule: Any) 
         for name in explainers
     }
     figures = evaluate_explainers(explainers, suites, datamodule.test_dataloader(), device,
-                                  settings.get("max_images"), description="localisation")
+                                  settings.get("max_images"), description="localisation",
+                                  skipped=getattr(datamodule, "skipped_images", None))
     results = {f"{name}/{key}": value for name, values in figures.items() for key, value in values.items()}
     results["pointing_tolerance_px"] = tolerance
     table = format_localisation_table(results, explainers, tolerance)
@@ -189,6 +190,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     configure_torch(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
     module, datamodule = build_module(cfg)
+    if hasattr(datamodule, "use_bad_image_policy"):  # image files: training skips unreadable ones
+        datamodule.use_bad_image_policy("skip", run_dir / "skipped_images.txt")
     loggers = build_loggers(cfg, run_dir)
     callbacks = build_callbacks(cfg, run_dir)
     trainer: L.Trainer = instantiate(
