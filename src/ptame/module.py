@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import math
+import random
 from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -24,6 +27,32 @@ from ptame.networks.frozen import AuxiliaryFeatureExtractor, Backbone
 from ptame.networks.inference import inference_copy
 
 FROZEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def rng_states() -> dict[str, Any]:
+    """The process's random states (torch CPU and CUDA, NumPy, Python), as checkpoint values
+    (tensors and plain Python, readable with ``weights_only=True``)."""
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"name": numpy_state[0], "keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
+                  "position": int(numpy_state[2]), "has_gauss": int(numpy_state[3]),
+                  "cached_gaussian": float(numpy_state[4])},
+        "python": repr(random.getstate()),
+    }
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Put back the random states of :func:`rng_states` (CUDA ones where the device count matches)."""
+    torch.set_rng_state(states["torch"])
+    cuda = states.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    numpy_state = states["numpy"]
+    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    random.setstate(ast.literal_eval(states["python"]))
 
 
 class PTAMEModule(L.LightningModule):
@@ -119,6 +148,7 @@ class PTAMEModule(L.LightningModule):
         self.loss = loss
         self._subset_generator: torch.Generator | None = None
         self._subset_generator_state: Tensor | None = None
+        self._rng_states_to_restore: dict[str, Any] | None = None
         # Training copies of the frozen networks live outside the module tree: never in the
         # state dict, never seen by DDP.
         self.__dict__["_training_networks"] = {}
@@ -193,14 +223,16 @@ class PTAMEModule(L.LightningModule):
         return self._subset_generator
 
     # ------------------------------------------------------------------ steps
-    def compute_loss(self, images: Tensor) -> dict[str, Tensor]:
-        """Loss terms for a batch of [0, 1] images (B, 3, H, W); see :class:`PTAMELoss`."""
+    def compute_loss(self, images: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Loss terms for a batch of [0, 1] images (B, 3, H, W); see :class:`PTAMELoss`. The
+        random class subset is drawn from ``generator`` (None: the training stream, saved in
+        checkpoints)."""
         images = self._prepare_images(images)
         backbone, auxiliary = self.frozen_networks()
         with torch.no_grad():
             predictions = self._frozen_forward(backbone, images).argmax(dim=1)
             features = self._frozen_forward(auxiliary, images)
-        subset = self.loss.select_classes(predictions, self.ptame.num_classes, self._generator())
+        subset = self.loss.select_classes(predictions, self.ptame.num_classes, generator or self._generator())
         attention = self.ptame.attention
         processed = attention.process(features)
         target_maps = torch.sigmoid(attention.class_scores(processed, predictions.unsqueeze(1))[:, 0])
@@ -210,6 +242,12 @@ class PTAMEModule(L.LightningModule):
         terms = self.loss(masked_logits, predictions, subset_scores=scores)
         terms["mean_map"] = target_maps.detach().float().mean()
         return terms
+
+    def on_train_start(self) -> None:
+        """A resumed run continues the random streams of the interrupted one from here."""
+        if self._rng_states_to_restore is not None:
+            restore_rng_states(self._rng_states_to_restore)
+            self._rng_states_to_restore = None
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         if batch["image"].shape[0] == 0:  # every file of the batch was skipped (data.bad_images)
@@ -245,7 +283,9 @@ class PTAMEModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         if batch["image"].shape[0] == 0:  # every file of the batch was skipped (data.bad_images)
             return
-        terms = self.compute_loss(batch["image"])
+        # its own draws, the same at every validation: the training stream is left as it is
+        generator = torch.Generator(device=self.device).manual_seed(int(self.hparams.seed) + 7919 * (batch_idx + 1))
+        terms = self.compute_loss(batch["image"], generator)
         batch_size = batch["image"].shape[0]
         for key, value in terms.items():
             self.log(f"val/{key}", value, prog_bar=key == "loss", batch_size=batch_size, sync_dist=True)
@@ -294,6 +334,7 @@ class PTAMEModule(L.LightningModule):
             checkpoint["hyper_parameters"] = plain_python(checkpoint["hyper_parameters"])
         if self._subset_generator is not None:
             checkpoint["ptame_subset_generator"] = self._subset_generator.get_state()
+        checkpoint["ptame_rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse checkpoints of other networks; put the frozen weights back for strict loading."""
@@ -304,6 +345,9 @@ class PTAMEModule(L.LightningModule):
         checkpoint["state_dict"] = {**checkpoint["state_dict"], **frozen}
         self._subset_generator_state = checkpoint.get("ptame_subset_generator")
         self._subset_generator = None
+        # put back when training resumes (on_train_start): Lightning draws from the global
+        # generator in between (it may build the data iterator before restoring its loops)
+        self._rng_states_to_restore = checkpoint.get("ptame_rng_states")
 
     # -------------------------------------------------------------- inference
     def explainer(self) -> PTAMEExplainer:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ptame.data.resumable import EpochOrderSampler, ResumableLoader, resume_sampler, training_position
 from ptame.io import torch_save_atomic
 
 log = logging.getLogger(__name__)
@@ -622,6 +623,7 @@ class GeneratedShapesDataModule(lightning.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.num_classes = self.spec.num_classes
+        self.resume_position: dict[str, int] | None = None  # from a checkpoint (load_state_dict)
         self.class_names: tuple[str, ...] = CLASS_NAMES[: self.num_classes]
         self.image_size = self.spec.image_size
         self._splits: GeneratedSplits | None = None
@@ -647,11 +649,23 @@ class GeneratedShapesDataModule(lightning.LightningDataModule):
         """The :class:`GeneratedShapesDataset` of ``split`` ("train", "val" or "test")."""
         return GeneratedShapesDataset(self.splits[split])
 
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: where training stands in its data (:func:`training_position`)."""
+        position = training_position(self.trainer)
+        return {"train_position": position} if position is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restored before the training loader is built: a resumed run continues the data order."""
+        self.resume_position = state.get("train_position")
+
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.spec.seed)
-        return DataLoader(self.dataset("train"), batch_size=self.batch_size, shuffle=True,
-                          drop_last=True, generator=generator, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        """Shuffled training batches (the order of ``shuffle=True`` with a generator seeded by
+        the dataset's seed, epoch by epoch), resumable mid-epoch (:mod:`ptame.data.resumable`)."""
+        dataset = self.dataset("train")
+        sampler = EpochOrderSampler(len(dataset), self.spec.seed)
+        resume_sampler(sampler, self, self.batch_size)
+        return ResumableLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                               num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

@@ -41,6 +41,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from ptame.data.bad_images import skipped_item
+from ptame.data.resumable import ResumableLoader
 from ptame.data.imagefolder import (
     CropPlan,
     ImageReadError,
@@ -70,8 +71,8 @@ class EncodedImageDataset(ImageSampleDataset):
             raise TypeError("EncodedImageDataset needs a PlannedCrop transform (train_transform / eval_transform)")
         super().__init__(samples, transform, bad_images=bad_images)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        index = self._check_index(index)
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, generator = self._resolve_key(key)
         path = self._paths[index]
         item: dict[str, Any] = {
             "label": torch.tensor(int(self._labels[index]), dtype=torch.int64),
@@ -85,9 +86,9 @@ class EncodedImageDataset(ImageSampleDataset):
                 decodable, height, width = gpu_decodable(header), header.height, header.width
             if decodable and data:
                 item["encoded"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                item["plan"] = self.transform.plan(height, width).as_tensor()
+                item["plan"] = self.transform.plan(height, width, generator).as_tensor()
             else:
-                item["image"] = self.transform(load_rgb_image(path))
+                item["image"] = self._transform(load_rgb_image(path), generator)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, ImageReadError) as err:
             if self.bad_images == "skip":
                 return skipped_item(path, err, index)
@@ -199,7 +200,7 @@ def decode_ahead(
                 future.cancel()
 
 
-class DecodeAheadLoader(DataLoader):
+class DecodeAheadLoader(ResumableLoader):
     """A DataLoader of :class:`EncodedImageDataset` batches (``collate_fn=collate_encoded``) that
     yields them decoded on ``decode_device``, decoding ``decode_depth`` batches ahead in a
     background thread (:func:`decode_ahead`). Every other argument is DataLoader's; the batches are

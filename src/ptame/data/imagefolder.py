@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from ptame.data.bad_images import SkippedImages, SkippingCollate, check_policy, skipped_item
+from ptame.data.resumable import EpochOrderSampler, ResumableLoader, resume_sampler, training_position
 
 IMG_EXTENSIONS: tuple[str, ...] = (
     ".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
@@ -162,22 +163,23 @@ class CropPlan:
         return cls(height, width, top, left, size, bool(flip))
 
 
-def plan_crop(height: int, width: int, resize_size: int, crop_size: int, train: bool) -> CropPlan:
+def plan_crop(height: int, width: int, resize_size: int, crop_size: int, train: bool,
+              generator: torch.Generator | None = None) -> CropPlan:
     """The crop of an image of ``height`` x ``width`` pixels.
 
     Training (Resize + RandomCrop + RandomHorizontalFlip): top and left uniform over the valid
-    positions, then a flip with probability 1/2, drawn from torch's global RNG in that order (the
-    draws torchvision's RandomCrop and RandomHorizontalFlip make). Evaluation (Resize +
-    CenterCrop): the centred crop, ``round((resized - crop) / 2)``, no flip.
+    positions, then a flip with probability 1/2, drawn from ``generator`` (None: torch's global
+    RNG) in that order (the draws torchvision's RandomCrop and RandomHorizontalFlip make).
+    Evaluation (Resize + CenterCrop): the centred crop, ``round((resized - crop) / 2)``, no flip.
     """
     resized_height, resized_width = resized_size(height, width, resize_size)
     if not train:
         top = int(round((resized_height - crop_size) / 2.0))
         left = int(round((resized_width - crop_size) / 2.0))
         return CropPlan(resized_height, resized_width, top, left, crop_size, False)
-    top = int(torch.randint(0, resized_height - crop_size + 1, size=())) if resized_height > crop_size else 0
-    left = int(torch.randint(0, resized_width - crop_size + 1, size=())) if resized_width > crop_size else 0
-    flip = bool(torch.rand(1) < 0.5)
+    top = int(torch.randint(0, resized_height - crop_size + 1, size=(), generator=generator)) if resized_height > crop_size else 0
+    left = int(torch.randint(0, resized_width - crop_size + 1, size=(), generator=generator)) if resized_width > crop_size else 0
+    flip = bool(torch.rand(1, generator=generator) < 0.5)
     return CropPlan(resized_height, resized_width, top, left, crop_size, flip)
 
 
@@ -228,12 +230,12 @@ class PlannedCrop:
             raise ValueError(f"dtype must be torch.float32 or torch.uint8, got {dtype}")
         self.resize_size, self.crop_size, self.train, self.dtype = resize_size, crop_size, train, dtype
 
-    def plan(self, height: int, width: int) -> CropPlan:
+    def plan(self, height: int, width: int, generator: torch.Generator | None = None) -> CropPlan:
         """Draw the crop of an image of ``height`` x ``width`` pixels (see :func:`plan_crop`)."""
-        return plan_crop(height, width, self.resize_size, self.crop_size, self.train)
+        return plan_crop(height, width, self.resize_size, self.crop_size, self.train, generator)
 
-    def __call__(self, image: Image.Image) -> Tensor:
-        return crop_pil(image, self.plan(image.height, image.width), self.dtype)
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> Tensor:
+        return crop_pil(image, self.plan(image.height, image.width, generator), self.dtype)
 
 
 def train_transform(resize_size: int = 256, crop_size: int = 224, dtype: torch.dtype = torch.float32) -> PlannedCrop:
@@ -316,6 +318,7 @@ class ImageSampleDataset(Dataset[dict[str, Any]]):
         self.transform = transform
         self.draft_size = draft_size
         self.bad_images = check_policy(bad_images)
+        self.augment_seed = 0  #: seeds the crops of (index, epoch) keys
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -339,11 +342,27 @@ class ImageSampleDataset(Dataset[dict[str, Any]]):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} images")
         return int(index)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        index = self._check_index(index)
+    def _resolve_key(self, key: int | tuple[int, int]) -> tuple[int, torch.Generator | None]:
+        """(index, augmentation generator) of an item key: ``index`` (torch's global RNG) or
+        ``(index, epoch)`` from :class:`~ptame.data.resumable.EpochOrderSampler` (a generator
+        seeded by (``augment_seed``, epoch, index): the same crop in any worker, resumed or not)."""
+        if isinstance(key, tuple):
+            index, epoch = key
+            index = self._check_index(index)
+            seed = (int(self.augment_seed) * 1_000_003 + int(epoch)) * 2_147_483_647 + index
+            return index, torch.Generator().manual_seed(seed % (2**63 - 1))
+        return self._check_index(key), None
+
+    def _transform(self, image: Image.Image, generator: torch.Generator | None) -> Tensor:
+        if generator is not None and isinstance(self.transform, PlannedCrop):
+            return self.transform(image, generator)
+        return self.transform(image)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, generator = self._resolve_key(key)
         path = self._paths[index]
         try:
-            image = self.transform(load_rgb_image(path, self.draft_size))
+            image = self._transform(load_rgb_image(path, self.draft_size), generator)
         except ImageReadError as error:
             if self.bad_images == "error":
                 raise
@@ -695,6 +714,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             point's default (train.py: skip, evaluate.py: error; the datamodule alone: error).
         max_bad_share: with ``skip``, the run fails once more than this share of the training
             set (of the evaluated set without one) is unreadable.
+        shuffle_seed: seed of the training order and crops (:mod:`ptame.data.resumable`);
+            None: the process's torch seed at construction (``seed_everything(seed)``).
     """
 
     has_masks: bool = False
@@ -727,6 +748,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         transfer_dtype: str = "float32",
         bad_images: str | None = None,
         max_bad_share: float = 0.01,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
         _check_arguments(layout, val_size, test_size, batch_size, eval_batch_size, num_workers,
@@ -755,10 +777,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.transfer_dtype = TRANSFER_DTYPES[transfer_dtype]
         self.bad_images = check_policy(bad_images) if bad_images is not None else None
         self.skipped_images = SkippedImages(max_share=max_bad_share)
+        # None: the process's seed (seed_everything(cfg.seed) precedes the datamodule)
+        self.shuffle_seed = int(shuffle_seed) if shuffle_seed is not None else torch.initial_seed() % (2**31)
         if self.decode == "gpu" and jpeg_draft:
             raise ValueError("jpeg_draft applies to CPU decoding only; use decode=cpu with it")
         self._class_names: list[str] | None = None
         self._torchvision: dict[str, Any] = {}
+        self.resume_position: dict[str, int] | None = None  # from a checkpoint (load_state_dict)
         self.train_dataset: ImageSampleDataset | None = None
         self.val_dataset: ImageSampleDataset | None = None
         self.test_dataset: ImageSampleDataset | None = None
@@ -951,27 +976,41 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _loader(self, dataset: ImageSampleDataset | None, stage: str, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"call setup({stage!r}) before requesting this dataloader")
+        batch_size = self.batch_size if train else self.eval_batch_size
         settings: dict[str, Any] = dict(
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            batch_size=batch_size,
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
         )
+        if train:  # shuffled by (seed, epoch), crops by (seed, epoch, index): resumable exactly
+            dataset.augment_seed = self.shuffle_seed
+            sampler = EpochOrderSampler(len(dataset), self.shuffle_seed, keyed=True)
+            resume_sampler(sampler, self, batch_size)
+            settings["sampler"] = sampler
         skipping = dataset.bad_images == "skip"
         if skipping and (train or self.skipped_images.total is None):
             self.skipped_images.total = len(dataset)  # the share counts against the training set
         if self.decode != "gpu":
             collate = SkippingCollate(self.crop_size, self.transfer_dtype) if skipping else None
-            return DataLoader(dataset, collate_fn=collate, **settings)
+            return ResumableLoader(dataset, collate_fn=collate, **settings)
         from ptame.data.gpu_decoding import DecodeAheadLoader, collate_encoded
 
         collate = SkippingCollate(self.crop_size, self.transfer_dtype, collate_encoded) if skipping else collate_encoded
         if self.trainer is not None and self.decode_ahead > 0:  # decode the next batches during this step
             return DecodeAheadLoader(dataset, collate_fn=collate, decode_device=self.trainer.strategy.root_device,
                                      decode_depth=self.decode_ahead, **settings)
-        return DataLoader(dataset, collate_fn=collate, **settings)
+        return ResumableLoader(dataset, collate_fn=collate, **settings)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: where training stands in its data (:func:`training_position`)."""
+        position = training_position(self.trainer)
+        return {"train_position": position} if position is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restored before the training loader is built: a resumed run continues the data order."""
+        self.resume_position = state.get("train_position")
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches of ``batch_size``; the last incomplete batch is dropped."""

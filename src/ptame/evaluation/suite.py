@@ -147,8 +147,9 @@ def compute_metrics(metrics: Mapping[str, Metric]) -> tuple[dict[str, float], di
             curves = {key: [float(v) for v in values] for key, values in metric.curves().items()}
             curves["percentages"] = list(metric.percentages)
     counted = [metric for metric in metrics.values() if isinstance(metric, PerImageMetric)]
-    if counted:  # distinct images behind the figures, over every process
-        figures["images_evaluated"] = float(counted[0].per_image()[0].numel())
+    if counted:  # distinct images behind the figures, over every process (as compute() sees them)
+        with counted[0].sync_context(should_sync=counted[0].sync_on_compute):
+            figures["images_evaluated"] = float(counted[0].per_image()[0].numel())
     return figures, curves
 
 

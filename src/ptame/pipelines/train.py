@@ -6,15 +6,16 @@ Usable without Hydra's command line: ``run_training(cfg, run_dir)`` takes any co
 
 from __future__ import annotations
 
+import csv
 import logging
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from ptame.checkpoint import read_checkpoint
@@ -49,6 +50,26 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
         loggers.append(instantiate(logger_cfg, save_dir=str(run_dir)))
         log.info("logger %s -> %s", name, run_dir)
     return loggers
+
+
+def continue_csv_history(loggers: list[Logger], global_step: int) -> None:
+    """Keep the CSV history of an interrupted run that is resumed into the same directory: the
+    rows it logged before the checkpoint (step < ``global_step``); later ones are logged again by
+    the resumed run. Lightning's CSV writer would otherwise start the file afresh."""
+    for logger in loggers:
+        if not isinstance(logger, CSVLogger):
+            continue
+        path = Path(logger.log_dir) / "metrics.csv"
+        rows: list[dict[str, str]] = []
+        if path.is_file():
+            with open(path, newline="") as handle:
+                rows = [row for row in csv.DictReader(handle) if row.get("step", "") != ""
+                        and int(float(row["step"])) < global_step]
+        writer = logger.experiment  # removes the old file
+        if rows:
+            writer.metrics = rows
+            writer.save()
+            log.info("kept %d rows of %s from before the checkpoint (step < %d)", len(rows), path, global_step)
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
@@ -189,19 +210,21 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     check_training_length(cfg)
     configure_torch(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
+    resume_from = cfg.get("resume_from")
+    # read safely first: a clear error before any work, and no pickled code is run
+    resumed_step = int(read_checkpoint(resume_from)["global_step"]) if resume_from is not None else None
     module, datamodule = build_module(cfg)
     if hasattr(datamodule, "use_bad_image_policy"):  # image files: training skips unreadable ones
         datamodule.use_bad_image_policy("skip", run_dir / "skipped_images.txt")
     loggers = build_loggers(cfg, run_dir)
+    if resumed_step is not None:
+        continue_csv_history(loggers, resumed_step)
     callbacks = build_callbacks(cfg, run_dir)
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir)
     )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    resume_from = cfg.get("resume_from")
-    if resume_from is not None:  # read safely first: a clear error, and no pickled code is run
-        read_checkpoint(resume_from)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     metrics = final_losses(trainer)
     if not trainer.is_global_zero:
