@@ -38,7 +38,6 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from ptame.data.bad_images import skipped_item
 from ptame.data.resumable import ResumableLoader
