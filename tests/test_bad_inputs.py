@@ -362,15 +362,19 @@ def test_results_json_lists_the_skipped_files_beside_the_methods(tmp_path):
 # ---- through the entry point -----------------------------------------------------------------
 
 
-def test_train_py_refuses_a_bad_resume_checkpoint_and_an_empty_training_with_clear_messages(tmp_path):
+def test_train_py_refuses_bad_resumes_empty_trainings_and_gpu_presets_without_a_gpu(tmp_path):
     from .helpers.entry_points import failure_output, run_entry_point
 
     (tmp_path / "notes.ckpt").write_text("epoch=3 loss=0.2\n")
     cases = [
-        (f"resume_from='{tmp_path / 'notes.ckpt'}'", "it is a text file"),
-        ("trainer.max_epochs=0", "trainer.max_epochs=0 trains nothing"),
+        ("experiment=smoke", f"resume_from='{tmp_path / 'notes.ckpt'}'", "it is a text file"),
+        ("experiment=smoke", "trainer.max_epochs=0", "trainer.max_epochs=0 trains nothing"),
     ]
-    for override, message in cases:
-        result = run_entry_point("train.py", "experiment=smoke", f"paths.cache_dir={tmp_path / 'cache'}",
+    if not torch.cuda.is_available():
+        cases.append(("experiment=table1_resnet50", "paths.imagenet_root=/nowhere",
+                      "this preset expects a GPU (trainer.accelerator=gpu) and none is available here; "
+                      "add trainer=cpu"))
+    for experiment, override, message in cases:
+        result = run_entry_point("train.py", experiment, f"paths.cache_dir={tmp_path / 'cache'}",
                                  f"hydra.run.dir={tmp_path / 'run'}", override, timeout=300)
         assert result.returncode != 0 and message in failure_output(result), failure_output(result)

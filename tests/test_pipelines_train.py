@@ -82,3 +82,22 @@ def test_a_trainer_set_to_train_nothing_is_refused_before_anything_runs(tmp_path
         with pytest.raises(ValueError, match=fix.replace("+", r"\+")):
             run_training(compose_train(["experiment=smoke", override]), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_expected_messages_of_a_normal_run_are_silenced_and_others_are_not(caplog):
+    import logging
+    import warnings
+
+    from ptame.pipelines.common import quiet_expected_messages
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_expected_messages()
+        warnings.warn("Found 75 module(s) in eval mode at the start of training. This may lead to ...")
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...")
+        warnings.warn("something the user must see")
+    assert [str(w.message) for w in caught] == ["something the user must see"]
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").info("💡 Tip: For seamless cloud logging ...")
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").info("GPU available: False")
+    assert "Tip" not in caplog.text and "GPU available" in caplog.text

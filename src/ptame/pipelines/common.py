@@ -4,6 +4,8 @@ search path (so configs are found wherever the application's ``conf/`` lives).""
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any
 
 import torch
@@ -13,8 +15,42 @@ from omegaconf import DictConfig, OmegaConf
 from ptame.networks.frozen import AuxiliaryFeatureExtractor, Backbone
 
 
+#: messages of a normal run that do not concern the user (matched at the message's start)
+EXPECTED_WARNINGS = (
+    r"Found \d+ module\(s\) in eval mode at the start of training",  # the frozen networks, by design
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # inside Lightning, not ptame's to fix
+)
+
+
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("💡 Tip")
+
+
+def quiet_expected_messages() -> None:
+    """Silence the warnings of :data:`EXPECTED_WARNINGS` and Lightning's logger advert; every
+    other warning still shows."""
+    for pattern in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _not_an_advert not in rank_zero.filters:
+        rank_zero.addFilter(_not_an_advert)
+
+
+def check_accelerator(cfg: DictConfig) -> None:
+    """Refuse a GPU preset (``trainer.accelerator=gpu``, e.g. the ImageNet experiments) on a
+    machine without CUDA, saying how to run it on the CPU."""
+    accelerator = str((cfg.get("trainer") or {}).get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise RuntimeError("this preset expects a GPU (trainer.accelerator=gpu) and none is available "
+                           "here; add trainer=cpu to run it on the CPU")
+
+
 def configure_torch(cfg: DictConfig) -> None:
-    """Threads and float32 matmul precision from the config (``threads: null`` keeps torch's)."""
+    """Threads and float32 matmul precision from the config (``threads: null`` keeps torch's);
+    the expected messages of a normal run silenced (:func:`quiet_expected_messages`); a GPU
+    preset refused without a GPU (:func:`check_accelerator`)."""
+    check_accelerator(cfg)
+    quiet_expected_messages()
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
