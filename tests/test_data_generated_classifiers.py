@@ -23,7 +23,7 @@ from ptame.networks.small import small_resnet, small_vgg
 from ptame.networks import AuxiliaryFeatureExtractor, Backbone, weights_fingerprint
 
 TINY = dict(image_size=32, num_classes=8, num_train=256, num_val=16, num_test=64, seed=2)
-FAST = dict(epochs=1, batch_size=64)
+FAST = dict(epochs=1, batch_size=64, min_accuracy_above_chance=None)  # plumbing: near-chance models
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +202,8 @@ def test_training_does_not_touch_the_global_rng(tmp_path):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    generated_backbone({**TINY, "num_train": 64}, str(tmp_path), epochs=1, batch_size=64)
+    generated_backbone({**TINY, "num_train": 64}, str(tmp_path), epochs=1, batch_size=64,
+                       min_accuracy_above_chance=None)
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -318,3 +319,14 @@ def test_default_classifiers_reach_high_accuracy(tmp_path):
     with torch.no_grad():
         accuracy = (backbone(masked).argmax(1) == splits.test.labels[:500]).float().mean()
     assert float(accuracy) >= 0.9  # robust to masking thanks to the masking augmentation
+
+
+def test_a_classifier_trained_to_near_chance_fails_loudly_naming_its_recipe(tmp_path):
+    from ptame.data.generated_classifiers import UntrainedClassifierError, model_cache_path
+
+    with pytest.raises(UntrainedClassifierError, match=r"small_vgg trained on the generated shapes reaches "
+                                                       r"\d+\.\d% test accuracy, within 10% of chance "
+                                                       r"\(12\.5% for 8 classes\): its recipe \(epochs=1, "
+                                                       r"lr=0\.01, batch_size=64.*Raise backbone\.epochs"):
+        generated_backbone(TINY, str(tmp_path), epochs=1, batch_size=64, lr=1e-2)
+    assert not list((tmp_path / "models").glob("*.pt"))  # not cached: the next run trains again

@@ -17,6 +17,7 @@ from .helpers.configs import compose_config, hydra_search_path
 TINY_DATA = [
     "experiment=smoke", "run_name=test", "data.num_train=128", "data.num_val=32", "data.num_test=32",
     "data.batch_size=32", "data.eval_batch_size=16", "backbone.epochs=1", "auxiliary.epochs=1",
+    "backbone.min_accuracy_above_chance=null", "auxiliary.min_accuracy_above_chance=null",  # plumbing only
 ]
 
 

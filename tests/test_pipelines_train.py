@@ -60,6 +60,7 @@ def test_a_failing_figure_loses_neither_the_metrics_nor_the_checkpoint(tmp_path,
     cfg = compose_train([
         "experiment=smoke", "run_name=test", "data.num_train=128", "data.num_val=32", "data.num_test=32",
         "data.batch_size=32", "data.eval_batch_size=16", "backbone.epochs=1", "auxiliary.epochs=1",
+        "backbone.min_accuracy_above_chance=null", "auxiliary.min_accuracy_above_chance=null",
         f"paths.cache_dir={tmp_path / 'cache'}", "final_evaluation.max_images=8",
         "final_evaluation.overlay_images=2",
     ])

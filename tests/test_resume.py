@@ -21,6 +21,7 @@ from .helpers.entry_points import run_entry_point
 RUN = [
     "experiment=smoke", "run_name=test", "data.num_train=128", "data.num_val=32", "data.num_test=32",
     "data.batch_size=32", "data.eval_batch_size=16", "backbone.epochs=1", "auxiliary.epochs=1",
+    "backbone.min_accuracy_above_chance=null", "auxiliary.min_accuracy_above_chance=null",  # plumbing only
     "final_evaluation.max_images=8", "final_evaluation.overlay_images=0", "trainer.max_epochs=2",
     "callbacks.checkpoint.every_n_train_steps=1", "trainer.log_every_n_steps=1",
 ]  # 4 steps per epoch, a checkpoint and a logged row after every step

@@ -605,7 +605,7 @@ def test_report_files_and_best_experiment_config(tmp_path):
         and cfg.loss.area_power == params[3]["lambda_area"]
     )
     assert cfg.loss.variation_normalisation == "mean"  # loss=paper
-    assert cfg.data.num_train == 1024  # the smoke experiment the trial ran on
+    assert cfg.data.num_train == 2048  # the smoke experiment the trial ran on
 
 
 # ---------------------------------------------------------------------------------------------

@@ -260,6 +260,7 @@ def trained_classifier(
     dataset: GeneratedShapesSpec | Mapping[str, Any],
     cache_dir: str | Path,
     params: Mapping[str, Any],
+    min_accuracy_above_chance: float | None = 0.10,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Return a classifier trained on ``dataset`` with ``params``, from cache or freshly trained.
 
@@ -268,6 +269,9 @@ def trained_classifier(
         cache_dir: cache root; data under ``cache_dir/generated``, weights under
             ``cache_dir/models``.
         params: validated training parameters (see :func:`_training_params`).
+        min_accuracy_above_chance: a freshly trained classifier whose test accuracy is not at
+            least this far above chance (1 / classes) raises :class:`UntrainedClassifierError`
+            naming the recipe, and is not cached; None accepts any (tests of the plumbing).
 
     Returns:
         (model in eval mode, metadata) where metadata holds ``key``, ``architecture``,
@@ -287,7 +291,8 @@ def trained_classifier(
             # a fresh model: a failed load may have copied some tensors into the first one
             model = _seeded_model(architecture, spec.num_classes, params["seed"])
             with torch.random.fork_rng(devices=[]):  # leave the global RNG untouched
-                metadata = _train_and_cache(model, spec, cache_dir, params, key, path)
+                metadata = _train_and_cache(model, spec, cache_dir, params, key, path,
+                                            min_accuracy_above_chance)
     model.eval()
     return model, metadata
 
@@ -307,8 +312,32 @@ def _seeded_model(architecture: str, num_classes: int, seed: int) -> nn.Module:
         return SMALL_NETWORKS[architecture](num_classes)
 
 
+class UntrainedClassifierError(RuntimeError):
+    """A classifier's training ended too close to chance to be explained meaningfully."""
+
+
+def check_trained(accuracy: float | None, spec: GeneratedShapesSpec, params: Mapping[str, Any],
+                  margin: float | None) -> None:
+    """Raise :class:`UntrainedClassifierError`, naming the recipe and the fix, when ``accuracy``
+    is less than ``margin`` above chance (None: no check)."""
+    if margin is None or accuracy is None:
+        return
+    chance = 1.0 / spec.num_classes
+    if accuracy >= chance + margin:
+        return
+    recipe = ", ".join(f"{k}={params[k]}" for k in ("epochs", "lr", "batch_size", "weight_decay"))
+    raise UntrainedClassifierError(
+        f"{params['architecture']} trained on the generated shapes reaches {accuracy:.1%} test "
+        f"accuracy, within {margin:.0%} of chance ({chance:.1%} for {spec.num_classes} classes): its "
+        f"recipe ({recipe}, {spec.num_train} training images) is too short to explain anything. "
+        "Raise backbone.epochs / auxiliary.epochs or data.num_train, or set "
+        "min_accuracy_above_chance=null in the backbone / auxiliary config to accept it"
+    )
+
+
 def _train_and_cache(model: nn.Module, spec: GeneratedShapesSpec, cache_dir: str | Path,
-                     params: Mapping[str, Any], key: str, path: Path) -> dict[str, Any]:
+                     params: Mapping[str, Any], key: str, path: Path,
+                     min_accuracy_above_chance: float | None = 0.10) -> dict[str, Any]:
     """Train ``model`` (freshly initialised), evaluate it on the test split and cache it."""
     splits = load_or_generate(spec, cache_dir)
     if len(splits.train) < params["batch_size"]:
@@ -325,6 +354,7 @@ def _train_and_cache(model: nn.Module, spec: GeneratedShapesSpec, cache_dir: str
     )
     seconds = time.perf_counter() - start
     accuracy = evaluate_accuracy(model, splits.test, mean, std)
+    check_trained(accuracy, spec, params, min_accuracy_above_chance)  # not cached when it fails
     _report(f"trained {architecture} on generated shapes in {seconds:.1f} s: test accuracy "
             f"{'n/a' if accuracy is None else f'{accuracy:.4f}'} (cached in {path})")
     metadata = {"key": key, "architecture": architecture, "dataset": spec.to_dict(),
@@ -350,6 +380,7 @@ def generated_backbone(
     weight_decay: float = 5e-4,
     masking_augmentation: float = 0.3,
     seed: int | None = None,
+    min_accuracy_above_chance: float | None = 0.10,
 ) -> Backbone:
     """A frozen classifier of the generated shapes, trained on first use and cached.
 
@@ -361,6 +392,8 @@ def generated_backbone(
         masking_augmentation: probability of multiplying a training image by a random smooth
             mask (keep it > 0: P-TAME feeds masked images to the backbone).
         seed: training seed; None uses the dataset seed.
+        min_accuracy_above_chance: a training that ends closer to chance fails loudly (see
+            :func:`trained_classifier`); None accepts it.
 
     Returns:
         A :class:`~ptame.networks.Backbone`: float images (B, 3, H, W) in [0, 1] -> logits
@@ -370,9 +403,10 @@ def generated_backbone(
     spec = _spec_from(dataset)
     params = _training_params(architecture, epochs, lr, batch_size, weight_decay,
                               masking_augmentation, spec.seed if seed is None else seed)
-    model, metadata = trained_classifier(spec, cache_dir, params)
+    model, metadata = trained_classifier(spec, cache_dir, params, min_accuracy_above_chance)
     config = {"_target_": "ptame.data.generated_classifiers.generated_backbone",
-              "dataset": spec.to_dict(), "cache_dir": str(cache_dir), **params}
+              "dataset": spec.to_dict(), "cache_dir": str(cache_dir), **params,
+              "min_accuracy_above_chance": min_accuracy_above_chance}
     backbone = Backbone(model, metadata["mean"], metadata["std"],
                         name=f"generated:{architecture}:{metadata['key']}", config=config)
     backbone.training_metadata = metadata
@@ -390,6 +424,7 @@ def generated_auxiliary(
     weight_decay: float = 5e-4,
     masking_augmentation: float = 0.0,
     seed: int | None = None,
+    min_accuracy_above_chance: float | None = 0.10,
 ) -> AuxiliaryFeatureExtractor:
     """A frozen feature extractor trained as a classifier of the generated shapes, cached.
 
@@ -400,8 +435,9 @@ def generated_auxiliary(
         layers: feature layers (torchvision feature-extraction node names); the default
             ``("layer2", "layer3", "layer4")`` gives strides 4, 8, 16 (16, 8, 4 px at 64 px)
             with 32, 64, 128 channels for small_resnet.
-        epochs, lr, batch_size, weight_decay, masking_augmentation, seed: as in
-            :func:`generated_backbone` (seed None uses the dataset seed).
+        epochs, lr, batch_size, weight_decay, masking_augmentation, seed,
+            min_accuracy_above_chance: as in :func:`generated_backbone` (seed None uses the
+            dataset seed).
 
     Returns:
         An :class:`~ptame.networks.AuxiliaryFeatureExtractor`: float images (B, 3, H, W) in
@@ -411,7 +447,7 @@ def generated_auxiliary(
     layers = [str(layer) for layer in layers]
     params = _training_params(architecture, epochs, lr, batch_size, weight_decay,
                               masking_augmentation, spec.seed if seed is None else seed)
-    model, metadata = trained_classifier(spec, cache_dir, params)
+    model, metadata = trained_classifier(spec, cache_dir, params, min_accuracy_above_chance)
     try:
         extractor = create_feature_extractor(model, return_nodes={l: l for l in layers})
     except (ValueError, KeyError) as error:
@@ -419,7 +455,8 @@ def generated_auxiliary(
             f"{architecture} has no feature layer(s) among {layers}: {error}"
         ) from error
     config = {"_target_": "ptame.data.generated_classifiers.generated_auxiliary",
-              "dataset": spec.to_dict(), "cache_dir": str(cache_dir), "layers": layers, **params}
+              "dataset": spec.to_dict(), "cache_dir": str(cache_dir), "layers": layers, **params,
+              "min_accuracy_above_chance": min_accuracy_above_chance}
     auxiliary = AuxiliaryFeatureExtractor(
         extractor, layers, metadata["mean"], metadata["std"],
         name=f"generated:{architecture}:{metadata['key']}", config=config)
