@@ -55,6 +55,19 @@ def test_smoke_run_writes_metrics_checkpoint_logs_and_overlays(smoke_run):
     assert all(key.startswith("ptame.attention.") for key in checkpoint["state_dict"])
 
 
+def test_the_smoke_preset_trains_accurate_classifiers_and_a_localising_explainer(smoke_run):
+    """The installation check must show something real: classifiers >= 90 % accurate (measured
+    97.7 % / 95.3 %) and P-TAME's maps clearly above the random map's."""
+    import re
+
+    run_dir, result = smoke_run
+    accuracies = [float(a) for a in re.findall(r"test accuracy (\d\.\d+)", result.stdout + result.stderr)]
+    assert len(accuracies) == 2 and min(accuracies) >= 0.9, accuracies
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["ptame/pointing_game"] >= 0.6 and metrics["random/pointing_game"] <= 0.2
+    assert metrics["ptame/energy_pointing_game"] >= 2 * metrics["random/energy_pointing_game"]
+
+
 def test_smoke_checkpoint_explains_with_the_inference_api(smoke_run, cache_dir):
     run_dir, _ = smoke_run
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
