@@ -7,7 +7,7 @@ ARGS ?=
 # Write .pyc files: without them every process recompiles torch and lightning (~20 s).
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: install train test test-slow test-gpu evaluate sweep benchmark benchmark-gpu lock clean
+.PHONY: install train test test-slow test-gpu evaluate explain sweep benchmark benchmark-gpu lock clean
 
 install: .venv/.ptame-synced
 
@@ -21,6 +21,9 @@ train: install
 
 evaluate: install
 	$(VENV_PYTHON) evaluate.py $(ARGS)
+
+explain: install
+	$(VENV_PYTHON) explain.py $(ARGS)
 
 sweep: install
 	$(VENV_PYTHON) sweep.py $(ARGS)

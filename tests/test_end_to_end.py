@@ -161,3 +161,51 @@ def test_evaluate_gives_the_same_numbers_under_ddp(tmp_path, cache_dir, smoke_ru
             # softmax confidences (not the accuracies) in the 5th digit.
             tolerance = 1e-4 if "confidence" in key else 1e-6
             assert distributed[method][key] == pytest.approx(value, rel=1e-5, abs=tolerance), (method, key)
+
+
+def test_explain_py_explains_image_files_with_the_stored_recipes(smoke_run, cache_dir, tmp_path):
+    """explain.py on a 16-bit PNG and a CMYK JPEG: overlays, raw maps at the explained image's
+    resolution and predictions with the generated shapes' names."""
+    import numpy as np
+    from PIL import Image
+
+    from ptame.data.generated import CLASS_NAMES
+
+    run_dir, _ = smoke_run
+    Image.fromarray(np.linspace(0, 65535, 80 * 100).reshape(80, 100).astype(np.uint16)).save(tmp_path / "depth.png")
+    square = np.zeros((90, 120, 3), np.uint8)
+    square[20:70, 30:90] = (200, 40, 40)
+    Image.fromarray(square).convert("CMYK").save(tmp_path / "square.jpg")
+    out = tmp_path / "explained"
+    result = run_entry_point("explain.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+                             f"images=[{tmp_path / 'depth.png'},{tmp_path / 'square.jpg'}]",
+                             "explainers=[ptame,gradcam,random]", "top_k=2", f"hydra.run.dir={out}")
+    assert result.returncode == 0, failure_output(result)
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert list(predictions) == ["depth", "square"]
+    for stem, entry in predictions.items():
+        assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert [p["class"] for p in entry["explained"]] == [p["class"] for p in entry["predictions"][:2]]
+        assert all(p["name"] == CLASS_NAMES[p["class"]] for p in entry["predictions"])
+        probabilities = [p["probability"] for p in entry["predictions"]]
+        assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0 + 1e-5
+        for method in ("ptame", "gradcam", "random"):
+            maps = np.load(out / f"{stem}_{method}.npy")
+            assert maps.shape == (2, 64, 64) and maps.dtype == np.float32  # the checkpoint's 64 px
+            assert 0.0 <= maps.min() and maps.max() <= 1.0 and maps.std() > 0
+    assert predictions["square"]["predictions"][0]["name"] == "square"  # a clean red square
+
+
+def test_explain_py_names_missing_images_and_mismatched_targets(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    checkpoint = f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"
+    missing = run_entry_point("explain.py", checkpoint, f"images=[{tmp_path / 'nowhere.jpg'}]",
+                              f"hydra.run.dir={tmp_path / 'a'}")
+    assert missing.returncode != 0 and "not found" in failure_output(missing) and "nowhere.jpg" in failure_output(missing)
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(tmp_path / "green.png")
+    mismatched = run_entry_point("explain.py", checkpoint, f"images=[{tmp_path / 'green.png'}]", "targets=[1,2]",
+                                 f"hydra.run.dir={tmp_path / 'b'}")
+    assert mismatched.returncode != 0
+    assert "targets has 2 class ids for 1 images: give one per image" in failure_output(mismatched)
