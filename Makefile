@@ -7,7 +7,7 @@ ARGS ?=
 # Write .pyc files: without them every process recompiles torch and lightning (~20 s).
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: install train test test-slow test-gpu evaluate explain sweep benchmark benchmark-gpu lock clean
+.PHONY: install train test test-slow test-gpu evaluate explain export sweep benchmark benchmark-gpu lock clean
 
 install: .venv/.ptame-synced
 
@@ -24,6 +24,9 @@ evaluate: install
 
 explain: install
 	$(VENV_PYTHON) explain.py $(ARGS)
+
+export: install
+	$(VENV_PYTHON) export.py $(ARGS)
 
 sweep: install
 	$(VENV_PYTHON) sweep.py $(ARGS)

@@ -209,3 +209,41 @@ def test_explain_py_names_missing_images_and_mismatched_targets(smoke_run, tmp_p
                                  f"hydra.run.dir={tmp_path / 'b'}")
     assert mismatched.returncode != 0
     assert "targets has 2 class ids for 1 images: give one per image" in failure_output(mismatched)
+
+
+@pytest.mark.parametrize("outputs", ["selected", "all"])
+def test_export_py_writes_an_onnx_file_that_onnxruntime_runs_like_pytorch(smoke_run, cache_dir, tmp_path, outputs):
+    import numpy as np
+    import onnxruntime
+
+    run_dir, _ = smoke_run
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    path = tmp_path / f"ptame_{outputs}.onnx"
+    result = run_entry_point("export.py", f"ckpt_path={checkpoint}", "format=onnx", f"outputs={outputs}",
+                             f"output={path}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, failure_output(result)
+    assert "max |difference| from PyTorch" in failure_output(result)
+    explainer = load_explainer(checkpoint)
+    torch.manual_seed(1)
+    images, classes = torch.rand(5, 3, 64, 64), torch.tensor([0, 3, 7, 2, 5])
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {"images": images.numpy()} if outputs == "all" else {"images": images.numpy(), "classes": classes.numpy()}
+    got = session.run(None, feeds)[0]
+    with torch.no_grad():
+        if outputs == "all":
+            expected = explainer.model.class_maps(images).numpy()  # (B, C, h, w)
+        else:
+            expected = explainer(images, classes).numpy()  # what the library's explainer returns
+    assert got.shape == expected.shape and np.abs(got - expected).max() <= 1e-4
+
+
+def test_export_py_writes_torchscript_that_runs_like_pytorch(smoke_run, cache_dir, tmp_path):
+    run_dir, _ = smoke_run
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    result = run_entry_point("export.py", f"ckpt_path={checkpoint}", "format=torchscript",
+                             f"output={tmp_path / 'ptame.pt'}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, failure_output(result)
+    module = torch.jit.load(str(tmp_path / "ptame.pt"))
+    images, classes = torch.rand(4, 3, 64, 64), torch.tensor([1, 2, 3, 4])
+    with torch.no_grad():
+        assert torch.allclose(module(images, classes), load_explainer(checkpoint)(images, classes), atol=1e-5)
