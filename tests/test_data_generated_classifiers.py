@@ -322,7 +322,7 @@ def test_default_classifiers_reach_high_accuracy(tmp_path):
 
 
 def test_a_classifier_trained_to_near_chance_fails_loudly_naming_its_recipe(tmp_path):
-    from ptame.data.generated_classifiers import UntrainedClassifierError, model_cache_path
+    from ptame.data.generated_classifiers import UntrainedClassifierError
 
     with pytest.raises(UntrainedClassifierError, match=r"small_vgg trained on the generated shapes reaches "
                                                        r"\d+\.\d% test accuracy, within 10% of chance "
