@@ -9,6 +9,7 @@ import subprocess
 import pytest
 import torch
 
+from ptame.evaluation.tables import method_results
 from ptame.explainers import load_explainer
 from ptame.data.generated_classifiers import generated_backbone
 
@@ -127,8 +128,13 @@ def evaluation_run(tmp_path_factory, cache_dir, smoke_run):
 
 def test_evaluate_writes_every_result_file(evaluation_run):
     run_dir, result = evaluation_run
-    results = json.loads((run_dir / "results.json").read_text())
+    saved = json.loads((run_dir / "results.json").read_text())
+    results = method_results(saved)
     assert set(results) == {"ptame", "random", "centre_gaussian"}
+    provenance = saved["provenance"]
+    assert provenance["images"] == 15 and provenance["seed"] == 0 and provenance["checkpoint"].endswith("last.ckpt")
+    assert provenance["metrics"]["road"]["auc"] == "normalised" and provenance["metrics"]["road"]["imputer"] == "noisy_linear"
+    assert provenance["backbone"]["fingerprint"] and provenance["ptame_version"] and "git_commit" in provenance
     for method, figures in results.items():
         for key in RESULT_KEYS:
             assert key in figures, (method, key)
@@ -148,10 +154,10 @@ def test_evaluate_writes_every_result_file(evaluation_run):
 
 
 def test_evaluate_gives_the_same_numbers_under_ddp(tmp_path, cache_dir, smoke_run, evaluation_run):
-    single = json.loads((evaluation_run[0] / "results.json").read_text())
+    single = method_results(json.loads((evaluation_run[0] / "results.json").read_text()))
     result = run_evaluate(tmp_path, cache_dir, smoke_run[0] / "checkpoints" / "last.ckpt", "trainer=ddp_cpu")
     assert result.returncode == 0, failure_output(result)
-    distributed = json.loads((tmp_path / "results.json").read_text())
+    distributed = method_results(json.loads((tmp_path / "results.json").read_text()))
     for method, figures in single.items():
         for key, value in figures.items():
             if key == "ms_per_image":

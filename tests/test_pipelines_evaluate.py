@@ -9,6 +9,7 @@ import json
 import pytest
 from PIL import Image
 
+from ptame.evaluation.tables import method_results
 from ptame.pipelines.evaluate import run_evaluation
 from ptame.pipelines.train import run_training
 
@@ -44,7 +45,7 @@ def evaluated(tmp_path_factory):
 
 def test_results_carry_layer_contributions_and_measured_costs(evaluated, capsys):
     run_dir, results = evaluated
-    saved = json.loads((run_dir / "results.json").read_text())
+    saved = method_results(json.loads((run_dir / "results.json").read_text()))
     shares = {k: v for k, v in saved["ptame"].items() if k.startswith("layer_contribution/")}
     assert list(shares) == ["layer_contribution/layer2", "layer_contribution/layer3",
                             "layer_contribution/layer4"]

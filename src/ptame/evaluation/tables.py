@@ -90,16 +90,50 @@ def csv_table(results: Mapping[str, Mapping[str, float]]) -> str:
     return buffer.getvalue()
 
 
+#: results.json keys beside the methods: where the numbers come from, the files left out
+RESULT_METADATA_KEYS = ("provenance", "skipped_images")
+
+
+def method_results(saved: Mapping[str, Any]) -> dict[str, Mapping[str, float]]:
+    """The ``{method: figures}`` part of a loaded results.json (without :data:`RESULT_METADATA_KEYS`)."""
+    return {key: value for key, value in saved.items() if key not in RESULT_METADATA_KEYS}
+
+
+def provenance_note(provenance: Mapping[str, Any] | None) -> str:
+    """A paragraph under the markdown table: images, metric conventions, seed, checkpoint,
+    commit ("" without provenance)."""
+    if not provenance:
+        return ""
+    metrics = provenance.get("metrics") or {}
+    road = metrics.get("road") or {}
+    parts = [f"{provenance.get('images')} images", f"seed {provenance.get('seed')}"]
+    if road:
+        parts.append(f"ROAD at {road.get('percentages')} % with {road.get('imputer')} imputation, "
+                     f"{road.get('auc')} AUC, {road.get('pixels')} pixel counts")
+    if metrics.get("precision"):
+        parts.append(f"{metrics['precision']} forward passes")
+    if provenance.get("checkpoint"):
+        parts.append(f"checkpoint {provenance['checkpoint']}")
+    parts.append(f"ptame {provenance.get('ptame_version')} ({provenance.get('git_commit') or 'no git commit'})")
+    return "\n\n" + "; ".join(parts) + ".\n"
+
+
 def write_tables(
     run_dir: str | Path, results: Mapping[str, Mapping[str, float]], extra: Mapping[str, Any] | None = None
 ) -> dict[str, Path]:
     """Write results.json, results.csv, results.md and results.tex into ``run_dir``; ``extra``
-    entries (e.g. ``skipped_images``) go into results.json beside the methods."""
+    entries (:data:`RESULT_METADATA_KEYS`: ``provenance``, ``skipped_images``) go into
+    results.json beside the methods (read the methods back with :func:`method_results`)."""
     run_dir = Path(run_dir)
+    unknown = set(extra or {}) - set(RESULT_METADATA_KEYS)
+    if unknown or set(results) & set(RESULT_METADATA_KEYS):
+        raise ValueError(f"results.json keys {sorted(unknown or set(results) & set(RESULT_METADATA_KEYS))} "
+                         f"clash with the reserved {RESULT_METADATA_KEYS}")
     return {
         "json": write_json_atomic(run_dir / "results.json", {**results, **(extra or {})}),
         "csv": write_text_atomic(run_dir / "results.csv", csv_table(results)),
-        "md": write_text_atomic(run_dir / "results.md", markdown_table(results)),
+        "md": write_text_atomic(run_dir / "results.md", markdown_table(results)
+                                + provenance_note((extra or {}).get("provenance"))),
         "tex": write_latex_table(run_dir / "results.tex", results),
     }
 

@@ -30,6 +30,46 @@ from ptame.pipelines.common import back_on_device, configure_torch, group_option
 log = logging.getLogger(__name__)
 
 
+def git_commit() -> str | None:
+    """The commit of the ptame source tree in use (``+dirty`` with uncommitted changes), or None
+    outside a git checkout (an installed wheel)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[3]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}+dirty" if dirty else commit
+
+
+def provenance(cfg: DictConfig, backbone: Any, images: int, device: torch.device) -> dict[str, Any]:
+    """What a table's numbers depend on, for results.json: the images, the metric settings (AUC
+    convention, imputer, percentages, pixel rules, precision), seed, checkpoints, backbone,
+    software versions and git commit."""
+    import datetime
+
+    import ptame
+
+    return {
+        "images": int(images),
+        "metrics": OmegaConf.to_container(cfg.metrics, resolve=True),
+        "seed": int(cfg.seed),
+        "checkpoint": str(Path(cfg.ckpt_path).resolve()) if cfg.get("ckpt_path") else None,
+        "ttame_checkpoint": str(Path(cfg.ttame_ckpt_path).resolve()) if cfg.get("ttame_ckpt_path") else None,
+        "backbone": backbone.identity() if hasattr(backbone, "identity") else str(backbone),
+        "explainers": list(cfg.explainers),
+        "device": str(device),
+        "ptame_version": ptame.__version__,
+        "torch_version": torch.__version__,
+        "git_commit": git_commit(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
 def skipped_files(trainer: L.Trainer, skipped: SkippedImages) -> list[str]:
     """Every process's skipped files (``bad_images=skip``), sorted, on every process."""
     entries = list(skipped.entries.values())
@@ -133,7 +173,10 @@ def run_evaluation(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, 
     contributions = contribution_figures(explainers)  # Table 2's layer contributions
     for name, shares in contributions.items():
         results[name].update(shares)
-    paths = write_tables(run_dir, results, {"skipped_images": skipped} if skipped else None)
+    extra: dict[str, Any] = {"provenance": provenance(cfg, backbone, len(loader.dataset), device)}
+    if skipped:
+        extra["skipped_images"] = skipped
+    paths = write_tables(run_dir, results, extra)
     if any(module.curves.get(method) for method in module.curves):
         paths["png"] = plot_road_curves(module.curves, run_dir / "road_curves.png")
     print(f"\nResults on {len(loader.dataset)} test images:\n{markdown_table(results)}")
