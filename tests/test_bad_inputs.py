@@ -379,3 +379,13 @@ def test_train_py_refuses_bad_resumes_empty_trainings_and_gpu_presets_without_a_
         result = run_entry_point("train.py", experiment, f"paths.cache_dir={tmp_path / 'cache'}",
                                  f"hydra.run.dir={tmp_path / 'run'}", override, timeout=300)
         assert result.returncode != 0 and message in failure_output(result), failure_output(result)
+
+
+@pytest.mark.parametrize("entry_point", ["train.py", "evaluate.py", "sweep.py", "explain.py", "export.py"])
+def test_help_starts_with_what_the_entry_point_does_and_examples(entry_point):
+    from .helpers.entry_points import run_entry_point
+
+    result = run_entry_point(entry_point, "--help", timeout=120)
+    assert result.returncode == 0
+    head = result.stdout.split("== Configuration groups ==")[0]
+    assert head.startswith(f"{entry_point}: ") and f"python {entry_point} " in head and "Examples:" in head

@@ -99,3 +99,14 @@ def test_figures_command_line_builds_one_column_per_checkpoint(tmp_path):
     assert torch.equal(rebuilt(images), first(images))
     with pytest.raises(SystemExit):
         main([str(tmp_path / "a.ckpt"), "--labels", "A", "B", "--images", *files, "--output", str(output)])
+
+
+@pytest.mark.parametrize("count", [1, 10, 12, 20, 31])
+def test_every_method_gets_its_own_look_in_the_road_curves(count):
+    from ptame.evaluation.figures import method_styles
+
+    methods = ["ptame", *[f"method{i}" for i in range(count - 1)]]
+    styles = method_styles(methods)
+    looks = {(tuple(round(c, 4) for c in s["color"]), s["marker"], s["linestyle"]) for s in styles.values()}
+    assert len(looks) == count  # no two methods drawn alike (12 methods once repeated P-TAME's blue)
+    assert styles["ptame"]["linewidth"] > max((s["linewidth"] for m, s in styles.items() if m != "ptame"), default=0)

@@ -21,7 +21,11 @@ from ptame.io import save_figure_atomic  # noqa: E402
 ClassNames = Sequence[str] | Mapping[str, Sequence[str] | None] | None
 
 
-def overlay(image: Tensor, saliency: Tensor, alpha: float = 0.5, colormap: str = "jet") -> np.ndarray:
+#: perceptually uniform: equal steps of saliency look equally different (jet's bands do not)
+COLORMAP = "inferno"
+
+
+def overlay(image: Tensor, saliency: Tensor, alpha: float = 0.5, colormap: str = COLORMAP) -> np.ndarray:
     """Blend one map over one image.
 
     Args:
@@ -100,7 +104,13 @@ def overlay_grid(
     for axis in axes.flat:
         axis.set_xticks([])
         axis.set_yticks([])
-    figure.tight_layout()
+    # one colour bar for every overlay: the maps share the [0, 1] scale
+    bar_width = 0.25 / columns
+    figure.tight_layout(rect=(0, 0, 1 - 1.6 * bar_width, 1))
+    colour_axis = figure.add_axes((1 - 1.3 * bar_width, 0.15, 0.3 * bar_width, 0.7))
+    scale = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap=COLORMAP)
+    figure.colorbar(scale, cax=colour_axis).set_label("saliency", fontsize=7)
+    colour_axis.tick_params(labelsize=6)
     try:
         return save_figure_atomic(figure, path, dpi=dpi)
     finally:
@@ -165,20 +175,50 @@ def explanation_grid(
     )
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def method_styles(methods: Sequence[str]) -> dict[str, dict[str, object]]:
+    """A distinct (colour, marker, line style) per method, for any number of methods: tab10
+    colours up to 10 methods, tab20 up to 20, evenly spaced hues beyond; markers cycle
+    independently of the colours, and P-TAME is drawn thicker and on top."""
+    count = len(methods)
+    if count <= 10:
+        colours = [plt.get_cmap("tab10")(i) for i in range(count)]
+    elif count <= 20:
+        colours = [plt.get_cmap("tab20")(i) for i in range(count)]
+    else:
+        colours = [plt.get_cmap("nipy_spectral")(0.05 + 0.9 * i / (count - 1)) for i in range(count)]
+    styles = {}
+    for index, method in enumerate(methods):
+        emphasis = method in ("ptame", "ttame")
+        styles[method] = {"color": colours[index], "marker": MARKERS[index % len(MARKERS)],
+                          "linestyle": "-" if (index // len(MARKERS)) % 2 == 0 else "--",
+                          "linewidth": 2.4 if emphasis else 1.4, "zorder": 3 if emphasis else 2}
+    return styles
+
+
 def plot_road_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path) -> Path:
-    """MoRF and LeRF accuracy against the removed percentage, one line per method."""
+    """MoRF and LeRF accuracy against the removed percentage, one line per method (a distinct
+    colour and marker each, :func:`method_styles`), the legend beside the plots."""
+    methods = [method for method, method_curves in curves.items() if method_curves]
+    styles = method_styles(methods)
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for axis, order in zip(axes, ("MoRF", "LeRF"), strict=True):
-        for method, method_curves in curves.items():
-            if method_curves and order in method_curves:
-                axis.plot(method_curves["percentages"], method_curves[order], marker="o", label=method)
+        for method in methods:
+            method_curves = curves[method]
+            if order in method_curves:
+                axis.plot(method_curves["percentages"], method_curves[order], label=method, markersize=5,
+                          **styles[method])
         axis.set_title(f"ROAD {order}")
         axis.set_xlabel("pixels removed (%)")
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (prediction kept)")
-    axes[1].legend(fontsize=8)
+    if methods:
+        axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+                       ncol=1 if len(methods) <= 16 else 2)
     figure.tight_layout()
     try:
-        return save_figure_atomic(figure, path, dpi=100)
+        return save_figure_atomic(figure, path, dpi=100, bbox_inches="tight")
     finally:
         plt.close(figure)

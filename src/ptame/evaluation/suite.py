@@ -133,8 +133,14 @@ def evaluate_batch(
             update_metrics(suites[name], images, explainer(images).float(), batch)
 
 
+#: suffix of a figure's standard error over images in the results (``AD@15_se``)
+STANDARD_ERROR_SUFFIX = "_se"
+
+
 def compute_metrics(metrics: Mapping[str, Metric]) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """(flat figures, ROAD curves) of a metric suite (synchronised across processes)."""
+    """(flat figures, ROAD curves) of a metric suite (synchronised across processes); every
+    figure of a per-image metric comes with its standard error over images
+    (``<figure>_se``), and ``images_evaluated`` counts the images."""
     figures: dict[str, float] = {}
     curves: dict[str, list[float]] = {}
     for name, metric in metrics.items():
@@ -146,6 +152,14 @@ def compute_metrics(metrics: Mapping[str, Metric]) -> tuple[dict[str, float], di
         if isinstance(metric, ROAD):
             curves = {key: [float(v) for v in values] for key, values in metric.curves().items()}
             curves["percentages"] = list(metric.percentages)
+    for name, metric in metrics.items():  # the standard error over images of each figure
+        if isinstance(metric, PerImageMetric):
+            with metric.sync_context(should_sync=metric.sync_on_compute):
+                errors = metric.standard_errors()
+            if isinstance(errors, dict):
+                figures.update({f"{key}{STANDARD_ERROR_SUFFIX}": float(v) for key, v in errors.items()})
+            else:
+                figures[f"{name}{STANDARD_ERROR_SUFFIX}"] = float(errors)
     counted = [metric for metric in metrics.values() if isinstance(metric, PerImageMetric)]
     if counted:  # distinct images behind the figures, over every process (as compute() sees them)
         with counted[0].sync_context(should_sync=counted[0].sync_on_compute):

@@ -34,14 +34,25 @@ def table_columns(results: Mapping[str, Mapping[str, float]]) -> list[str]:
     return [c for c in TABLE_COLUMNS if c in present] + sorted(present - set(TABLE_COLUMNS))
 
 
+#: suffix of a figure's standard error over images (``AD@15_se``), shown as "value ± se"
+ERROR_SUFFIX = "_se"
+
+
 def summary_columns(results: Mapping[str, Mapping[str, float]]) -> list[str]:
     """The columns of results.md and results.tex: :func:`table_columns` without the ROAD curve
-    points and the layer contributions (they stay in results.json / results.csv)."""
+    points, the layer contributions and the standard errors (these are shown beside their
+    figure; all stay in results.json / results.csv)."""
     return [
         column for column in table_columns(results)
         if ("@" not in column or column.startswith(("AD@", "IC@")))
-        and not column.startswith(CONTRIBUTION_PREFIX)
+        and not column.startswith(CONTRIBUTION_PREFIX) and not column.endswith(ERROR_SUFFIX)
     ]
+
+
+def with_error(column: str, text: str, figures: Mapping[str, float], plus_minus: str = " ± ") -> str:
+    """``text`` followed by the figure's standard error when the results have one."""
+    error = format_number(column, figures.get(column + ERROR_SUFFIX))
+    return text if error is None else f"{text}{plus_minus}{error}"
 
 
 def format_number(column: str, value: float | None) -> str | None:
@@ -70,11 +81,12 @@ def _markdown_cell(column: str, value: float | None) -> str:
 
 def markdown_table(results: Mapping[str, Mapping[str, float]]) -> str:
     """A Markdown table (:func:`summary_columns`): one row per method, AD/IC in percent, AUCs
-    as fractions."""
+    as fractions, each figure ``± its standard error over images`` where the results have one."""
     columns = summary_columns(results)
     lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for method, figures in results.items():
         cells = [_markdown_cell(c, figures.get(c)) for c in columns]
+        cells = [cell if cell == "-" else with_error(c, cell, figures) for c, cell in zip(columns, cells)]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -224,7 +236,10 @@ def latex_table(
                 cells.append("--")
                 continue
             text = text + "\\%" if column.startswith(("AD@", "IC@")) else text
-            cells.append(f"\\textbf{{{text}}}" if method in best[column] else text)
+            text = f"\\textbf{{{text}}}" if method in best[column] else text
+            cells.append(with_error(column, text, figures, "\\,{\\scriptsize$\\pm$"))
+            if cells[-1] != text:
+                cells[-1] += "}"
         lines.append(" & ".join(cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}"]
     if caption is not None or label is not None:

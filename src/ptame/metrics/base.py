@@ -152,6 +152,26 @@ class PerImageMetric(Metric):
         self.indices.append(indices.detach().long())
         self.values.append(values.detach().double())
 
+    def per_image_figures(self) -> dict[str, Tensor] | Tensor:
+        """Each figure of ``compute()`` per image (N,), whose mean is the figure (a dict with
+        compute()'s keys, or one tensor for a metric computing one value)."""
+        raise NotImplementedError
+
+    def standard_errors(self) -> dict[str, Tensor] | Tensor:
+        """The standard error over images (sample standard deviation / sqrt(N); NaN for one
+        image) of each figure of ``compute()``: the uncertainty a table reports beside it."""
+        figures = self.per_image_figures()
+
+        def error(values: Tensor) -> Tensor:
+            count = values.shape[0]
+            if count < 2:
+                return torch.tensor(float("nan"), device=values.device)
+            return (values.double().std(unbiased=True) / count**0.5).float()
+
+        if isinstance(figures, Tensor):
+            return error(figures)
+        return {key: error(values) for key, values in figures.items()}
+
     def per_image(self) -> tuple[Tensor, Tensor]:
         """(unique indices (N,), values (N, ...)) over everything seen on all processes."""
         if isinstance(self.indices, list) and not self.indices:

@@ -85,6 +85,16 @@ class AverageDropIncrease(PerImageMetric):
             columns += [drop, (after > original).to(drop.dtype)]
         self._record(indices, torch.stack(columns, dim=1))
 
+    def per_image_figures(self) -> dict[str, Tensor]:
+        """``AD@v`` (the image's drop) and ``IC@v`` (0 or 100) per image (N,), in percent."""
+        _, values = self.per_image()
+        figures = {}
+        for position, threshold in enumerate(self.thresholds):
+            name = _format_threshold(threshold)
+            figures[f"AD@{name}"] = values[:, 2 * position] * 100
+            figures[f"IC@{name}"] = values[:, 2 * position + 1] * 100
+        return figures
+
     def compute(self) -> dict[str, Tensor]:
         """``{"AD@v": percent, "IC@v": percent}`` for each threshold v."""
         _, values = self.per_image()

@@ -105,6 +105,13 @@ class InsertionDeletion(PerImageMetric):
         means = values.mean(dim=0)
         return {mode: means[m] for m, mode in enumerate(MODES)}
 
+    def per_image_figures(self) -> dict[str, Tensor]:
+        """``insertion_AUC`` and ``deletion_AUC`` per image (N,)."""
+        _, values = self.per_image()
+        x = torch.linspace(0, 1, self.steps + 1, dtype=values.dtype, device=values.device)
+        aucs = torch.trapezoid(values, x, dim=-1)  # (N, 2)
+        return {f"{mode}_AUC": aucs[:, m] for m, mode in enumerate(MODES)}
+
     def compute(self) -> dict[str, Tensor]:
         """``insertion_AUC`` and ``deletion_AUC`` (normalised trapezoid, in [0, 1])."""
         _, values = self.per_image()

@@ -121,6 +121,10 @@ class _LocalisationMetric(PerImageMetric):
             indices = torch.arange(offset, offset + scores.numel(), device=scores.device)
         self._record(torch.as_tensor(indices, device=scores.device).view(-1), scores)
 
+    def per_image_figures(self) -> Tensor:
+        """The score of each image (N,)."""
+        return self.per_image()[1]
+
     def compute(self) -> Tensor:
         _, values = self.per_image()
         return values.mean().float()

@@ -172,6 +172,19 @@ class ROAD(PerImageMetric):
             **{f"{order}_confidence": means[o, :, 1] for o, order in enumerate(ORDERS)},
         }
 
+    def per_image_figures(self) -> dict[str, Tensor]:
+        """Every figure of :meth:`compute` per image (N,): the AUC is linear in the curve, so
+        the mean of the per-image AUCs is the AUC of the mean curve."""
+        _, values = self.per_image()  # (N, 2, P, 2)
+        fractions = [p / 100 for p in self.percentages]
+        figures = {}
+        for o, order in enumerate(ORDERS):
+            figures[f"ROAD_{order}_AUC"] = curve_auc(fractions, values[:, o, :, 0], self.auc)
+            figures[f"ROAD_{order}_confidence_AUC"] = curve_auc(fractions, values[:, o, :, 1], self.auc)
+            for j, p in enumerate(self.percentages):
+                figures[f"ROAD_{order}@{p:g}"] = values[:, o, j, 0]
+        return figures
+
     def compute(self) -> dict[str, Tensor]:
         """``ROAD_MoRF_AUC``, ``ROAD_LeRF_AUC`` (accuracy AUCs, fractions), the confidence AUCs,
         and the curve points ``ROAD_MoRF@p`` / ``ROAD_LeRF@p``."""
