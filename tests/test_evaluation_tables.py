@@ -111,3 +111,22 @@ def test_trained_contributions_sum_to_one_and_only_attention_explainers_have_the
     assert [line.split() for line in lines] == [
         ["ptame", f"level{i}", f"{100 * shares[f'layer_contribution/level{i}']:.2f}%"] for i in (1, 2, 3)
     ]
+
+
+def test_costs_print_in_plain_notation_with_three_significant_digits():
+    from ptame.evaluation.tables import format_number
+
+    assert [format_number("ms_per_image", v) for v in (1310.2, 36.07, 0.4762, 0.000123)] == [
+        "1310", "36.1", "0.476", "0.000123"]  # never 1.31e+03 in a paper's table
+    assert format_number("gflops", 11.909) == "11.9"
+
+
+def test_tables_show_each_figure_with_its_standard_error():
+    from ptame.evaluation.tables import latex_table, markdown_table
+
+    results = {"ptame": {"AD@15": 4.81, "AD@15_se": 0.21, "deletion_AUC": 0.2774, "deletion_AUC_se": 0.0051},
+               "random": {"AD@15": 40.1, "AD@15_se": 1.1, "deletion_AUC": 0.6}}
+    markdown = markdown_table(results)
+    assert "| ptame | 4.81% ± 0.21 | 0.2774 ± 0.0051 |" in markdown
+    assert "| random | 40.10% ± 1.10 | 0.6000 |" in markdown and "_se" not in markdown
+    assert "\\textbf{4.81\\%}\\,{\\scriptsize$\\pm$0.21}" in latex_table(results)

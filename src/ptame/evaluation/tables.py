@@ -55,11 +55,24 @@ def with_error(column: str, text: str, figures: Mapping[str, float], plus_minus:
     return text if error is None else f"{text}{plus_minus}{error}"
 
 
+def plain_significant(value: float, digits: int = 3) -> str:
+    """``value`` to ``digits`` significant digits without scientific notation and without
+    trailing zeros, as ``:g`` would print them (1310, 0.476, 0.000123, 3.2); numbers past those
+    digits are rounded to units."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    magnitude = math.floor(math.log10(abs(value)))
+    decimals = max(0, digits - 1 - magnitude)
+    text = f"{round(value, decimals):.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text  # as :g does
+
+
 def format_number(column: str, value: float | None) -> str | None:
     """A table cell's number without units or markup, or None when missing / NaN.
 
     AD and IC (percentages already): 2 decimals; R and forward passes as counts; GFLOPs and
-    ms/image: 3 significant digits; AUCs and pointing games (fractions): 4 decimals.
+    ms/image: 3 significant digits in plain notation (1310, not 1.31e+03); AUCs and pointing
+    games (fractions): 4 decimals.
     """
     if value is None or not isinstance(value, (int, float)) or math.isnan(value):
         return None
@@ -68,7 +81,7 @@ def format_number(column: str, value: float | None) -> str | None:
     if column in ("resolution", "forward_passes"):
         return f"{value:g}"
     if column in ("ms_per_image", "gflops"):
-        return f"{value:.3g}"
+        return plain_significant(value)
     return f"{value:.4f}"
 
 

@@ -184,6 +184,9 @@ def plot_objective(
     if 0 < initial < len(rows):
         axis.axvline(initial - 0.5, color="grey", linestyle=":", label="Sobol | BoTorch")
     axis.set_xlabel("trial")
+    from matplotlib.ticker import MaxNLocator
+
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are whole numbers
     axis.set_ylabel(settings["objective"])
     axis.set_title(f"Sweep objective ({settings['mode']} mode)")
     axis.legend(loc="best", fontsize=8)
