@@ -93,3 +93,32 @@ def test_what_runs_after_lightning_goes_back_to_the_trainers_device():
     module = torch.nn.Sequential(torch.nn.Linear(2, 2))
     assert back_on_device(trainer, module) == torch.device("meta")
     assert module[0].weight.device.type == "meta"
+
+
+def test_the_configured_logger_receives_the_evaluation_table(evaluated):
+    import csv
+
+    run_dir, results = evaluated
+    with open(run_dir / "csv" / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    logged = {key: float(value) for row in rows for key, value in row.items() if value and key != "step"}
+    assert logged["ptame/AD@100"] == pytest.approx(results["ptame"]["AD@100"], rel=1e-6)
+    assert logged["random/ROAD_MoRF_AUC"] == pytest.approx(results["random"]["ROAD_MoRF_AUC"], rel=1e-6)
+
+
+def test_results_go_to_weights_and_biases_as_a_table_and_pictures(tmp_path, monkeypatch):
+    import torch
+    from lightning.pytorch.loggers import WandbLogger
+
+    from ptame.evaluation.figures import overlay_grid
+    from ptame.pipelines.common import log_results
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = WandbLogger(project="ptame-test", save_dir=str(tmp_path), offline=True)
+    picture = overlay_grid(torch.rand(1, 3, 8, 8), {"ptame": torch.rand(1, 8, 8)}, tmp_path / "grid.png")
+    log_results([logger], {"ptame": {"AD@15": 4.8, "AD@15_se": 0.2}, "random": {"AD@15": 40.0}}, {"grid": picture})
+    logger.experiment.finish()
+    run = next((tmp_path / "wandb").glob("offline-run-*"))
+    assert any(run.rglob("*.wandb"))
+    assert any("results" in path.name for path in run.rglob("*.table.json"))

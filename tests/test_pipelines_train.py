@@ -1,9 +1,11 @@
 """Pipeline pieces of ptame.pipelines.train without launching train.py."""
 
+import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from ptame.pipelines.train import build_callbacks, build_loggers
+from ptame.pipelines.common import build_loggers
+from ptame.pipelines.train import build_callbacks
 
 from .helpers.configs import compose_config
 
@@ -102,3 +104,20 @@ def test_the_expected_messages_of_a_normal_run_are_silenced_and_others_are_not(c
         logging.getLogger("lightning.pytorch.utilities.rank_zero").info("💡 Tip: For seamless cloud logging ...")
         logging.getLogger("lightning.pytorch.utilities.rank_zero").info("GPU available: False")
     assert "Tip" not in caplog.text and "GPU available" in caplog.text
+
+
+def test_train_logs_its_final_localisation_figures(tmp_path):
+    import csv
+
+    from ptame.pipelines.train import run_training
+
+    cfg = compose_train([
+        "experiment=smoke", "run_name=test", "data.num_train=128", "data.num_val=32", "data.num_test=32",
+        "data.batch_size=32", "data.eval_batch_size=16", "backbone.epochs=1", "auxiliary.epochs=1",
+        "backbone.min_accuracy_above_chance=null", "auxiliary.min_accuracy_above_chance=null",
+        f"paths.cache_dir={tmp_path / 'cache'}", "final_evaluation.max_images=8", "final_evaluation.overlay_images=0",
+    ])
+    metrics = run_training(cfg, tmp_path / "run")
+    with open(tmp_path / "run" / "csv" / "metrics.csv", newline="") as handle:
+        logged = {key: value for row in csv.DictReader(handle) for key, value in row.items() if value}
+    assert float(logged["final/ptame/pointing_game"]) == pytest.approx(metrics["ptame/pointing_game"])

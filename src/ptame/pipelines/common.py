@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,6 +66,36 @@ def back_on_device(trainer: Any, module: torch.nn.Module) -> torch.device:
     device = trainer.strategy.root_device
     module.to(device)
     return device
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
+    """One logger per entry of ``cfg.logger``, each writing under ``run_dir``."""
+    loggers = []
+    for name, logger_cfg in (cfg.get("logger") or {}).items():
+        if logger_cfg is None:
+            continue
+        loggers.append(instantiate(logger_cfg, save_dir=str(run_dir)))
+        logging.getLogger(__name__).info("logger %s -> %s", name, run_dir)
+    return loggers
+
+
+def log_results(loggers: list[Any], results: dict[str, dict[str, float]], figures: dict[str, Any],
+                step: int = 0) -> None:
+    """Send an evaluation's figures (``<method>/<metric>``) to every logger, and its tables and
+    pictures (``figures``: name -> PNG path) to the ones that take them (W&B)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    flat = {f"{method}/{metric}": float(value) for method, values in results.items()
+            for metric, value in values.items() if isinstance(value, (int, float))}
+    for logger in loggers:
+        logger.log_metrics(flat, step=step)
+        if isinstance(logger, WandbLogger):
+            columns = sorted({metric for values in results.values() for metric in values})
+            logger.log_table(key="results", columns=["method", *columns],
+                             data=[[method, *[values.get(c) for c in columns]] for method, values in results.items()])
+            for name, path in figures.items():
+                logger.log_image(key=name, images=[str(path)])
+        logger.save()
 
 
 def build_networks(cfg: DictConfig) -> tuple[Backbone, AuxiliaryFeatureExtractor]:

@@ -25,7 +25,14 @@ from ptame.evaluation.suite import ExplainerEvaluation, evaluate_costs
 from ptame.evaluation.tables import markdown_table, write_tables
 from ptame.explainers.base import Explainer
 from ptame.io import write_json_atomic
-from ptame.pipelines.common import back_on_device, configure_torch, group_option, group_options
+from ptame.pipelines.common import (
+    back_on_device,
+    build_loggers,
+    configure_torch,
+    group_option,
+    group_options,
+    log_results,
+)
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +196,10 @@ def run_evaluation(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, 
         getattr(datamodule, "class_names", None),
     ))
     log.info("results written to %s", ", ".join(str(p) for p in paths.values()))
+    loggers = build_loggers(cfg, run_dir)  # the configured loggers receive the table and the pictures
+    if loggers:
+        pictures = {Path(p).stem: p for p in paths.values() if str(p).endswith(".png")}
+        log_results(loggers, results, pictures)
     return results
 
 

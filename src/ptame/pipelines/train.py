@@ -27,7 +27,7 @@ from ptame.explainers.baselines import CentreGaussianExplainer, RandomExplainer
 from ptame.io import write_json_atomic
 from ptame.metrics.localisation import check_pointing_tolerance
 from ptame.module import PTAMEModule
-from ptame.pipelines.common import back_on_device, build_networks, configure_torch
+from ptame.pipelines.common import back_on_device, build_loggers, build_networks, configure_torch
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +39,6 @@ def build_module(cfg: DictConfig) -> tuple[PTAMEModule, Any]:
     loss = instantiate(cfg.loss)
     module = instantiate(cfg.model, backbone=backbone, auxiliary=auxiliary, loss=loss)
     return module, datamodule
-
-
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
-    """One logger per entry of ``cfg.logger``, each writing under ``run_dir``."""
-    loggers = []
-    for name, logger_cfg in (cfg.get("logger") or {}).items():
-        if logger_cfg is None:
-            continue
-        loggers.append(instantiate(logger_cfg, save_dir=str(run_dir)))
-        log.info("logger %s -> %s", name, run_dir)
-    return loggers
 
 
 def continue_csv_history(loggers: list[Logger], global_step: int) -> None:
@@ -235,6 +224,11 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     metrics.update(_guarded("final evaluation", failures, lambda: run_final_evaluation(cfg, module, datamodule)) or {})
     metrics["explanation_resolution"] = float(module.ptame.resolution)
     write_json_atomic(run_dir / "metrics.json", metrics)
+    final = {f"final/{key}": value for key, value in metrics.items() if "/" in key and not key.startswith(("train/", "val/"))}
+    for logger in loggers:  # the final localisation figures reach the loggers too
+        if final:
+            logger.log_metrics(final, step=trainer.global_step)
+            logger.save()
     log.info("metrics written to %s", run_dir / "metrics.json")
     _guarded("overlay figure", failures, lambda: write_overlays(cfg, module, datamodule, run_dir, loggers))
     if failures:
