@@ -253,3 +253,13 @@ def test_export_py_writes_torchscript_that_runs_like_pytorch(smoke_run, cache_di
     images, classes = torch.rand(4, 3, 64, 64), torch.tensor([1, 2, 3, 4])
     with torch.no_grad():
         assert torch.allclose(module(images, classes), load_explainer(checkpoint)(images, classes), atol=1e-5)
+
+
+def test_a_checkpoint_given_the_wrong_backbone_names_the_experiment_it_was_trained_with(smoke_run):
+    from ptame.checkpoint import CheckpointMismatchError
+
+    from .helpers.networks import make_backbone
+
+    run_dir, _ = smoke_run
+    with pytest.raises(CheckpointMismatchError, match=r"trained with experiment=smoke, seed=0; build the networks"):
+        load_explainer(run_dir / "checkpoints" / "last.ckpt", make_backbone(num_classes=8))

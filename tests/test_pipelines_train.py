@@ -19,7 +19,8 @@ def test_wandb_logger_is_offline_by_default_and_writes_locally(tmp_path, monkeyp
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     cfg = compose_train(["logger=wandb", "run_name=test"])
     loggers = build_loggers(cfg, tmp_path)
-    assert [type(logger) for logger in loggers] == [CSVLogger, WandbLogger]
+    assert isinstance(loggers[0], CSVLogger) and isinstance(loggers[1], WandbLogger)
+    assert "anonymous" not in loggers[1]._wandb_init  # W&B would warn that it has no effect
     wandb_logger = loggers[1]
     wandb_logger.log_metrics({"train/loss": 1.5}, step=0)
     png = tmp_path / "grid.png"

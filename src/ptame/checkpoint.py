@@ -115,7 +115,12 @@ def verify_metadata(saved: dict[str, Any], model: PTAME, strict_weights: bool = 
         if saved[key] != current[key]:
             problems.append(f"its {key} is {saved[key]} but the model's is {current[key]}")
     if problems:
-        raise CheckpointMismatchError("checkpoint refused: " + "; ".join(problems))
+        trained_with = saved.get("trained_with") or {}
+        origin = (f" (the checkpoint was trained with experiment={trained_with['experiment']}"
+                  + (f", seed={trained_with['seed']}" if trained_with.get("seed") is not None else "")
+                  + "; build the networks of that experiment, or let ptame.load_explainer(ckpt) rebuild "
+                  "them from the stored recipes)") if trained_with.get("experiment") else ""
+        raise CheckpointMismatchError("checkpoint refused: " + "; ".join(problems) + origin)
 
 
 def attention_state(checkpoint: dict[str, Any]) -> dict[str, Tensor]:

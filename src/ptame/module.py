@@ -149,6 +149,8 @@ class PTAMEModule(L.LightningModule):
         self._subset_generator: torch.Generator | None = None
         self._subset_generator_state: Tensor | None = None
         self._rng_states_to_restore: dict[str, Any] | None = None
+        #: {"experiment", "seed"} of the run that trains this module, stored in its checkpoints
+        self.trained_with: dict[str, Any] | None = None
         # Training copies of the frozen networks live outside the module tree: never in the
         # state dict, never seen by DDP.
         self.__dict__["_training_networks"] = {}
@@ -330,6 +332,8 @@ class PTAMEModule(L.LightningModule):
         """Keep only the trainable head; add the metadata that rebuilds and checks it."""
         checkpoint["state_dict"] = strip_frozen_weights(checkpoint["state_dict"])
         checkpoint["ptame"] = checkpoint_metadata(self.ptame)
+        if self.trained_with:  # names the run in mismatch messages (set by the training pipeline)
+            checkpoint["ptame"]["trained_with"] = dict(self.trained_with)
         if "hyper_parameters" in checkpoint:
             checkpoint["hyper_parameters"] = plain_python(checkpoint["hyper_parameters"])
         if self._subset_generator is not None:

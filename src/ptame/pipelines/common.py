@@ -79,6 +79,17 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
     return loggers
 
 
+def quiet_wandb_logger(**kwargs: Any) -> Any:
+    """Lightning's ``WandbLogger`` without the ``anonymous=None`` it passes to ``wandb.init``
+    (which makes W&B warn "The anonymous setting has no effect" on every run)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(**kwargs)
+    if logger._wandb_init.get("anonymous", "unset") is None:
+        del logger._wandb_init["anonymous"]
+    return logger
+
+
 def log_results(loggers: list[Any], results: dict[str, dict[str, float]], figures: dict[str, Any],
                 step: int = 0) -> None:
     """Send an evaluation's figures (``<method>/<metric>``) to every logger, and its tables and

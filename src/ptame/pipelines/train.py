@@ -203,6 +203,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     # read safely first: a clear error before any work, and no pickled code is run
     resumed_step = int(read_checkpoint(resume_from)["global_step"]) if resume_from is not None else None
     module, datamodule = build_module(cfg)
+    module.trained_with = {"experiment": str(cfg.get("run_name") or "unnamed"), "seed": int(cfg.seed)}
     if hasattr(datamodule, "use_bad_image_policy"):  # image files: training skips unreadable ones
         datamodule.use_bad_image_policy("skip", run_dir / "skipped_images.txt")
     loggers = build_loggers(cfg, run_dir)
