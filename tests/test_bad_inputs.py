@@ -389,3 +389,29 @@ def test_help_starts_with_what_the_entry_point_does_and_examples(entry_point):
     assert result.returncode == 0
     head = result.stdout.split("== Configuration groups ==")[0]
     assert head.startswith(f"{entry_point}: ") and f"python {entry_point} " in head and "Examples:" in head
+
+
+def test_an_evaluation_stops_between_explainers_when_a_sigterm_arrives():
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from ptame.evaluation.suite import build_metrics, evaluate_batch
+    from ptame.explainers import CentreGaussianExplainer, RandomExplainer
+
+    from .helpers.networks import make_backbone
+
+    backbone = make_backbone()
+    calls = []
+
+    class Counting(CentreGaussianExplainer):
+        def explain(self, images, targets):
+            calls.append(1)
+            return super().explain(images, targets)
+
+    explainers = {"first": Counting(backbone), "second": RandomExplainer(backbone)}
+    suites = {name: build_metrics(backbone, {"adic": {"thresholds": [50]}, "localisation": False}, False)
+              for name in explainers}
+    batch = {"image": torch.rand(2, 3, 16, 16), "index": torch.arange(2)}
+    signals = iter([False, False, True])  # a SIGTERM arrives after the first explainer's metric
+    with pytest.raises(SIGTERMException):
+        evaluate_batch(explainers, suites, batch, should_stop=lambda: next(signals))
+    assert calls == [1]  # the second explainer never ran

@@ -10,7 +10,7 @@ everywhere else.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import lightning as L
@@ -105,14 +105,26 @@ def localisation_metrics(pointing_tolerance: float, **metric_kwargs: Any) -> dic
     return metrics
 
 
-def update_metrics(metrics: Mapping[str, Metric], images: Tensor, maps: Tensor, batch: Mapping[str, Tensor]) -> None:
-    """Feed one batch of maps (B, H, W) for ``images`` (B, 3, H, W) into every metric."""
+def update_metrics(metrics: Mapping[str, Metric], images: Tensor, maps: Tensor, batch: Mapping[str, Tensor],
+                   should_stop: Callable[[], bool] | None = None) -> None:
+    """Feed one batch of maps (B, H, W) for ``images`` (B, 3, H, W) into every metric;
+    :func:`stop_if_asked` before each."""
     indices = batch["index"].to(images.device)
     for name, metric in metrics.items():
+        stop_if_asked(should_stop)
         if name in LOCALISATION_METRICS:
             metric.update(maps, batch["mask"].to(images.device), indices)
         else:
             metric.update(images, maps, indices)
+
+
+def stop_if_asked(should_stop: Callable[[], bool] | None) -> None:
+    """Raise Lightning's ``SIGTERMException`` when ``should_stop()`` says so (a SIGTERM or SIGINT
+    arrived): an evaluation stops between explainers and metrics, not after a whole batch."""
+    if should_stop is not None and should_stop():
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        raise SIGTERMException
 
 
 def evaluate_batch(
@@ -121,6 +133,7 @@ def evaluate_batch(
     batch: Mapping[str, Tensor],
     device: torch.device | str | None = None,
     precision: str = "float32",
+    should_stop: Callable[[], bool] | None = None,
 ) -> None:
     """Explain one batch with every explainer (the backbone's predictions) and feed each map
     stack into that explainer's suite, under :func:`metric_precision`. ``batch`` holds ``image``
@@ -130,7 +143,8 @@ def evaluate_batch(
     images = batch["image"] if device is None else batch["image"].to(device)
     with metric_precision(images.device, precision):
         for name, explainer in explainers.items():
-            update_metrics(suites[name], images, explainer(images).float(), batch)
+            stop_if_asked(should_stop)
+            update_metrics(suites[name], images, explainer(images).float(), batch, should_stop)
 
 
 #: suffix of a figure's standard error over images in the results (``AD@15_se``)
@@ -248,7 +262,8 @@ class ExplainerEvaluation(L.LightningModule):
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         if batch["image"].shape[0] == 0:  # every file of the batch was skipped
             return
-        evaluate_batch(self.explainers, self.metric_suites, batch, precision=self.precision)
+        evaluate_batch(self.explainers, self.metric_suites, batch, precision=self.precision,
+                       should_stop=lambda: bool(getattr(self.trainer, "received_sigterm", False)))
 
     def on_test_epoch_end(self) -> None:
         for name, suite in self.metric_suites.items():
