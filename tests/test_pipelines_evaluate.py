@@ -23,12 +23,19 @@ TINY_DATA = [
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
+def trained(tmp_path_factory):
+    """(cache dir, training run dir) of a tiny training run."""
     cache = tmp_path_factory.mktemp("cache")
     train_dir = tmp_path_factory.mktemp("train")
-    common = [*TINY_DATA, f"paths.cache_dir={cache}"]
-    run_training(compose_config("train", [*common, "final_evaluation.overlay_images=0",
+    run_training(compose_config("train", [*TINY_DATA, f"paths.cache_dir={cache}", "final_evaluation.overlay_images=0",
                                           "final_evaluation.max_images=8"]), train_dir)
+    return cache, train_dir
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, trained):
+    cache, train_dir = trained
+    common = [*TINY_DATA, f"paths.cache_dir={cache}"]
     run_dir = tmp_path_factory.mktemp("evaluate")
     cfg = compose_config("evaluate", [
         *common, f"ckpt_path={train_dir / 'checkpoints' / 'last.ckpt'}",
@@ -122,3 +129,22 @@ def test_results_go_to_weights_and_biases_as_a_table_and_pictures(tmp_path, monk
     run = next((tmp_path / "wandb").glob("offline-run-*"))
     assert any(run.rglob("*.wandb"))
     assert any("results" in path.name for path in run.rglob("*.table.json"))
+
+
+def test_several_checkpoints_give_one_row_each(tmp_path_factory, trained):
+    """compare_checkpoints: one P-TAME row per checkpoint in one table (the same checkpoint
+    under two labels gives the same figures as the ptame row)."""
+    cache, train_dir = trained
+    checkpoint = train_dir / "checkpoints" / "last.ckpt"
+    out = tmp_path_factory.mktemp("compare")
+    cfg = compose_config("evaluate", [
+        *TINY_DATA, f"paths.cache_dir={cache}", f"ckpt_path={checkpoint}", "explainers=[ptame,random]",
+        f"compare_checkpoints={{first:'{checkpoint}',second:'{checkpoint}'}}", "max_images=8", "cost_images=0",
+        "metrics.road.percentages=[50]", "metrics.insertion_deletion.steps=4",
+    ])
+    with hydra_search_path():
+        compared = run_evaluation(cfg, out)
+    assert list(compared) == ["ptame", "random", "ptame@first", "ptame@second"]
+    for key in ("AD@100", "ROAD_MoRF_AUC", "insertion_AUC"):
+        assert compared["ptame@first"][key] == compared["ptame@second"][key] == pytest.approx(compared["ptame"][key])
+    assert "| ptame@first |" in (out / "results.md").read_text()

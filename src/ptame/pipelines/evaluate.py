@@ -24,6 +24,7 @@ from ptame.evaluation.mprt import format_mprt, plot_mprt, run_mprt
 from ptame.evaluation.suite import ExplainerEvaluation, evaluate_costs
 from ptame.evaluation.tables import markdown_table, write_tables
 from ptame.explainers.base import Explainer
+from ptame.explainers.ptame import load_explainer
 from ptame.io import write_json_atomic
 from ptame.pipelines.common import (
     back_on_device,
@@ -75,6 +76,26 @@ def provenance(cfg: DictConfig, backbone: Any, images: int, device: torch.device
         "git_commit": git_commit(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
+
+
+def compared_checkpoints(cfg: DictConfig, backbone: Any) -> dict[str, Explainer]:
+    """``cfg.compare_checkpoints`` (label -> checkpoint, or a list of checkpoints labelled by
+    their run folders) as P-TAME explainers ``ptame@<label>`` of ``backbone``, each with the
+    auxiliary its recipe stores: one table row per checkpoint (e.g. Table 2's auxiliaries)."""
+    entries = cfg.get("compare_checkpoints") or {}
+    if OmegaConf.is_list(entries) or isinstance(entries, list):
+        paths = [str(path) for path in entries]
+        labels = [Path(path).parent.parent.name or Path(path).stem for path in paths]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"compare_checkpoints: the run folders {labels} repeat; give a mapping "
+                             "{label: checkpoint} instead")
+        entries = dict(zip(labels, paths, strict=True))
+    explainers = {}
+    for label, path in dict(entries).items():
+        explainer = load_explainer(str(path), backbone, map_normalisation=cfg.model.map_normalisation)
+        explainer.name = f"ptame@{label}"
+        explainers[explainer.name] = explainer.eval()
+    return explainers
 
 
 def skipped_files(trainer: L.Trainer, skipped: SkippedImages) -> list[str]:
@@ -152,6 +173,7 @@ def run_evaluation(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, 
     if not names:
         raise ValueError("explainers is empty: name at least one config of conf/explainer/")
     explainers = {name: build_explainer(name, cfg, backbone) for name in names}
+    explainers.update(compared_checkpoints(cfg, backbone))
     loader = test_loader(datamodule, cfg.get("max_images"))
     module = ExplainerEvaluation(
         explainers, backbone, OmegaConf.to_container(cfg.metrics, resolve=True),
