@@ -295,3 +295,18 @@ def test_road_oracle_orders_morf_below_lerf_at_every_percentage(seed, sparsity, 
     assert (curves["MoRF"] <= curves["LeRF"]).all()
     result = metric.compute()
     assert result["ROAD_MoRF_AUC"] <= result["ROAD_LeRF_AUC"]
+
+
+def test_road_curves_carry_the_standard_error_of_each_point():
+    from .helpers.networks import make_backbone
+
+    metric = ROAD(make_backbone(), percentages=[30, 70], imputer="mean")
+    torch.manual_seed(0)
+    metric.update(torch.rand(5, 3, 16, 16), torch.rand(5, 16, 16), torch.arange(5))
+    curves = metric.curves()
+    _, values = metric.per_image()  # (5, 2, 2, 2): image, order, percentage, (correct, confidence)
+    for o, order in enumerate(("MoRF", "LeRF")):
+        expected = values[:, o, :, 0].std(dim=0, unbiased=True) / 5**0.5
+        assert torch.allclose(curves[f"{order}_se"], expected)
+    errors = metric.standard_errors()
+    assert errors["ROAD_MoRF@30"] == pytest.approx(float(curves["MoRF_se"][0]))

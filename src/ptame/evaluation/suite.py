@@ -163,8 +163,9 @@ def compute_metrics(metrics: Mapping[str, Metric]) -> tuple[dict[str, float], di
             figures.update({key: float(v) for key, v in value.items()})
         else:
             figures[name] = float(value)
-        if isinstance(metric, ROAD):
-            curves = {key: [float(v) for v in values] for key, values in metric.curves().items()}
+        if isinstance(metric, ROAD):  # over every process, as compute() sees the images
+            with metric.sync_context(should_sync=metric.sync_on_compute):
+                curves = {key: [float(v) for v in values] for key, values in metric.curves().items()}
             curves["percentages"] = list(metric.percentages)
     for name, metric in metrics.items():  # the standard error over images of each figure
         if isinstance(metric, PerImageMetric):

@@ -164,12 +164,17 @@ class ROAD(PerImageMetric):
 
     def curves(self) -> dict[str, Tensor]:
         """Mean accuracy and confidence per percentage: keys ``MoRF``, ``LeRF`` (accuracy) and
-        ``MoRF_confidence``, ``LeRF_confidence``, each (P,)."""
+        ``MoRF_confidence``, ``LeRF_confidence``, each (P,), and the accuracies' standard errors
+        over images ``MoRF_se``, ``LeRF_se`` (NaN for one image)."""
         _, values = self.per_image()
         means = values.mean(dim=0)  # (2, P, 2)
+        count = values.shape[0]
+        errors = (values[..., 0].std(dim=0, unbiased=True) / count**0.5 if count > 1
+                  else torch.full_like(means[..., 0], float("nan")))  # (2, P)
         return {
             **{order: means[o, :, 0] for o, order in enumerate(ORDERS)},
             **{f"{order}_confidence": means[o, :, 1] for o, order in enumerate(ORDERS)},
+            **{f"{order}_se": errors[o] for o, order in enumerate(ORDERS)},
         }
 
     def per_image_figures(self) -> dict[str, Tensor]:
