@@ -110,3 +110,22 @@ def test_every_method_gets_its_own_look_in_the_road_curves(count):
     looks = {(tuple(round(c, 4) for c in s["color"]), s["marker"], s["linestyle"]) for s in styles.values()}
     assert len(looks) == count  # no two methods drawn alike (12 methods once repeated P-TAME's blue)
     assert styles["ptame"]["linewidth"] > max((s["linewidth"] for m, s in styles.items() if m != "ptame"), default=0)
+
+
+def test_overlays_outline_the_ground_truth_when_masks_are_given(tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ptame.evaluation.figures import overlay_grid
+
+    images, maps = torch.zeros(1, 3, 32, 32), {"ptame": torch.zeros(1, 32, 32)}
+    masks = torch.zeros(1, 32, 32, dtype=torch.bool)
+    masks[0, 8:24, 8:24] = True
+    plain = np.asarray(Image.open(overlay_grid(images, maps, tmp_path / "plain.png")).convert("RGB"))
+    outlined = np.asarray(Image.open(overlay_grid(images, maps, tmp_path / "outlined.png", masks=masks)).convert("RGB"))
+    assert plain.shape == outlined.shape
+    changed = np.abs(outlined.astype(int) - plain.astype(int)).sum(-1) > 100
+    assert changed.mean() > 0.001  # white outlines drawn on the black cells
+    drawn = outlined[changed].astype(int)  # white, anti-aliased: bright greys
+    assert drawn.mean() > 120 and np.abs(drawn[:, 0] - drawn[:, 2]).max() <= 10

@@ -62,6 +62,7 @@ def overlay_grid(
     cell_titles: Mapping[str, Sequence[str]] | None = None,
     cell_size: float = 1.9,
     dpi: int = 100,
+    masks: Tensor | None = None,
 ) -> Path:
     """Save a PNG grid: one row per image, the image then one overlay per method.
 
@@ -78,6 +79,7 @@ def overlay_grid(
         cell_size: inches per grid cell; the PNG is ``round(cell_size * dpi)`` pixels per cell
             (``(1 + len(maps)) * cell`` wide, ``N * cell`` high).
         dpi: PNG resolution.
+        masks: optional (N, H, W) ground-truth object masks, outlined in white on every cell.
 
     Returns:
         the written path.
@@ -99,6 +101,10 @@ def overlay_grid(
                 axes[row][column].set_title(name, fontsize=9)
             if cell_titles is not None and name in cell_titles:
                 axes[row][column].set_xlabel(cell_titles[name][row], fontsize=7)
+        if masks is not None and float(masks[row].max()) > 0:  # the ground truth, outlined on every cell
+            outline = masks[row].detach().float().cpu().numpy()
+            for axis in axes[row]:
+                axis.contour(outline, levels=[0.5], colors="white", linewidths=0.8)
     if count:
         axes[0][0].set_title("image", fontsize=9)
     for axis in axes.flat:

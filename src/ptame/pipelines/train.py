@@ -168,7 +168,8 @@ def write_overlays(cfg: DictConfig, module: PTAMEModule, datamodule: Any, run_di
         maps = {name: explainer(images, predictions) for name, explainer in explainers.items()}
     names = getattr(datamodule, "class_names", None)
     titles = [class_title(names, int(p)) for p in predictions]
-    path = overlay_grid(images, maps, run_dir / "overlays.png", row_titles=titles)
+    masks = batch["mask"][:count] if "mask" in batch else None  # ground truth where the data has it
+    path = overlay_grid(images, maps, run_dir / "overlays.png", row_titles=titles, masks=masks)
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             logger.log_image(key="overlays", images=[str(path)])
