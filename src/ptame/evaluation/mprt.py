@@ -308,13 +308,14 @@ def cumulative_randomisations(
 
 def plot_mprt(results: Mapping[str, MPRTResult], path: str | Path) -> Path:
     """SSIM against the randomised blocks, one colour per explainer (solid: each randomised
-    model's prediction; dashed: the original prediction), with the pass threshold."""
+    model's prediction; dashed: the original prediction) with the spread over images as a band,
+    the labelled pass threshold, and the legend beside the plot so that it covers no line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = plt.subplots(figsize=(9.5, 4))  # room for the legend beside the plot
     threshold = math.nan
     for position, (name, result) in enumerate(results.items()):
         steps = range(len(result.blocks))
@@ -327,19 +328,25 @@ def plot_mprt(results: Mapping[str, MPRTResult], path: str | Path) -> Path:
                       linewidth=width, marker="o", markersize=7 if original else 4,
                       markerfacecolor="none" if original else f"C{position}",
                       label=f"{name} ({mode} targets)")
+            spread = result.ssim_std.get(mode)
+            if spread is not None and len(spread) == len(values):  # the spread over images (+- 1 std)
+                low = [v - d for v, d in zip(values, spread, strict=True)]
+                high = [v + d for v, d in zip(values, spread, strict=True)]
+                axis.fill_between(list(steps), low, high, color=f"C{position}", alpha=0.08, linewidth=0)
         axis.set_xticks(list(steps), result.blocks, rotation=45, ha="right", fontsize=8)
         threshold = result.threshold
     if not math.isnan(threshold):
-        axis.axhline(threshold, color="grey", linewidth=0.8, linestyle=":")
+        axis.axhline(threshold, color="grey", linewidth=0.8, linestyle=":",
+                     label=f"pass threshold (SSIM < {threshold:g} after the first block)")
     axis.set_ylim(-0.05, 1.05)
-    axis.set_ylabel("SSIM with the original model's maps")
+    axis.set_ylabel("SSIM with the original model's maps\n(mean; band: +- 1 std over images)", fontsize=9)
     order = next(iter(results.values())).order.replace("_", "-") if results else ""
     axis.set_xlabel(f"randomised up to block ({order}, cumulative)")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)  # beside the plot
     figure.tight_layout()
     try:
-        return save_figure_atomic(figure, path, dpi=100)
+        return save_figure_atomic(figure, path, dpi=100, bbox_inches="tight")
     finally:
         plt.close(figure)
 
