@@ -130,3 +130,17 @@ def test_tables_show_each_figure_with_its_standard_error():
     assert "| ptame | 4.81% ± 0.21 | 0.2774 ± 0.0051 |" in markdown
     assert "| random | 40.10% ± 1.10 | 0.6000 |" in markdown and "_se" not in markdown
     assert "\\textbf{4.81\\%}\\,{\\scriptsize$\\pm$0.21}" in latex_table(results)
+
+
+def test_results_tex_splits_a_wide_table_into_page_wide_parts(tmp_path):
+    from ptame.evaluation.tables import PAGE_COLUMNS, write_latex_table
+
+    columns = ["AD@100", "AD@50", "AD@15", "IC@100", "IC@50", "IC@15", "ROAD_MoRF_AUC", "ROAD_LeRF_AUC",
+               "insertion_AUC", "deletion_AUC", "ms_per_image"]
+    results = {"ptame": {c: 0.1 + i for i, c in enumerate(columns)}, "random": {c: 0.2 + i for i, c in enumerate(columns)}}
+    tex = write_latex_table(tmp_path / "results.tex", results).read_text()
+    tabulars = tex.count("\\begin{tabular}")
+    assert tabulars == 2 and tex.count("\\end{tabular}") == 2 and "% part 2 of 2" in tex
+    widths = [line.count("&") for line in tex.splitlines() if line.startswith("Method")]
+    assert widths == [PAGE_COLUMNS, len(columns) - PAGE_COLUMNS]  # every part within a page's width
+    assert tex.count("\nptame & ") == 2  # each part repeats the method column

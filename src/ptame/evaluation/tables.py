@@ -295,9 +295,27 @@ def layer_contribution_table(results: Mapping[str, Mapping[str, float]]) -> str 
     return "\n".join(lines) + "\n"
 
 
+#: the most metric columns one tabular of results.tex holds; wider tables are split in parts
+#: that each fit a page's width
+PAGE_COLUMNS = 7
+
+
+def page_tables(results: Mapping[str, Mapping[str, float]], per_table: int = PAGE_COLUMNS) -> str:
+    """:func:`latex_table` split into tabulars of at most ``per_table`` metric columns each (the
+    method column repeated), so that results.tex fits a page whatever the number of metrics."""
+    columns = summary_columns(results)
+    parts = [columns[start:start + per_table] for start in range(0, len(columns), per_table)] or [[]]
+    texts = [latex_table(results, part) for part in parts]
+    if len(texts) == 1:
+        return texts[0]
+    return texts[0] + "".join(f"\n% part {i} of {len(texts)}\n\\medskip\n" + text.split("\n", 1)[1]
+                              for i, text in enumerate(texts[1:], start=2))
+
+
 def write_latex_table(path: str | Path, results: Mapping[str, Mapping[str, float]]) -> Path:
-    """Write results.tex: the comparison table, then the layer contributions (if any)."""
-    text = latex_table(results)
+    """Write results.tex: the comparison table (split in page-wide parts, :func:`page_tables`),
+    then the layer contributions (if any)."""
+    text = page_tables(results)
     contributions = layer_contribution_table(results)
     if contributions is not None:
         text += "\n% layer contributions: each auxiliary layer's share of the fusion weights' mass\n"
