@@ -297,7 +297,7 @@ def layer_contribution_table(results: Mapping[str, Mapping[str, float]]) -> str 
 
 #: the most metric columns one tabular of results.tex holds; wider tables are split in parts
 #: that each fit a page's width
-PAGE_COLUMNS = 7
+PAGE_COLUMNS = 8
 
 
 def page_tables(results: Mapping[str, Mapping[str, float]], per_table: int = PAGE_COLUMNS) -> str:
