@@ -148,3 +148,30 @@ def test_several_checkpoints_give_one_row_each(tmp_path_factory, trained):
     for key in ("AD@100", "ROAD_MoRF_AUC", "insertion_AUC"):
         assert compared["ptame@first"][key] == compared["ptame@second"][key] == pytest.approx(compared["ptame"][key])
     assert "| ptame@first |" in (out / "results.md").read_text()
+
+
+def test_the_evaluation_logs_each_batch_with_its_time_per_method_and_metric_and_an_eta(caplog):
+    import logging
+
+    import lightning as L
+    import torch
+
+    from ptame.evaluation.suite import ExplainerEvaluation
+    from ptame.explainers import CentreGaussianExplainer, RandomExplainer
+
+    from .helpers.networks import make_backbone
+
+    backbone = make_backbone()
+    explainers = {"centre": CentreGaussianExplainer(backbone), "random": RandomExplainer(backbone)}
+    evaluation = ExplainerEvaluation(explainers, backbone, {"adic": {"thresholds": [50]}, "localisation": False},
+                                     has_masks=False)
+    data = [{"image": torch.rand(3, 16, 16), "index": torch.tensor(i)} for i in range(6)]
+    loader = torch.utils.data.DataLoader(data, batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with caplog.at_level(logging.INFO, logger="ptame.evaluation.suite"):
+        trainer.test(evaluation, dataloaders=loader, verbose=False)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluation batch")]
+    assert [line.split(" in ")[0] for line in lines] == [f"evaluation batch {i}/3" for i in (1, 2, 3)]
+    assert "centre " in lines[0] and "centre/adic " in lines[0] and "random/adic " in lines[0]
+    assert "ETA" in lines[0] and lines[-1].endswith("ETA 0 s")

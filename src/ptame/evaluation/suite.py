@@ -10,6 +10,9 @@ everywhere else.
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -32,6 +35,8 @@ from ptame.metrics import (
 )
 from ptame.metrics.base import PerImageMetric
 from ptame.networks.frozen import Backbone
+
+log = logging.getLogger(__name__)
 
 # Metrics that compare maps with ground-truth object masks.
 LOCALISATION_METRICS = ("pointing_game", "energy_pointing_game", "pointing_game_strict")
@@ -105,17 +110,36 @@ def localisation_metrics(pointing_tolerance: float, **metric_kwargs: Any) -> dic
     return metrics
 
 
+@contextlib.contextmanager
+def timed(timings: dict[str, float] | None, key: str, device: torch.device) -> Iterator[None]:
+    """Add the seconds the block takes (device work included: synchronised on CUDA) to
+    ``timings[key]``; nothing is timed when ``timings`` is None."""
+    if timings is None:
+        yield
+        return
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+
+
 def update_metrics(metrics: Mapping[str, Metric], images: Tensor, maps: Tensor, batch: Mapping[str, Tensor],
-                   should_stop: Callable[[], bool] | None = None) -> None:
+                   should_stop: Callable[[], bool] | None = None, timings: dict[str, float] | None = None,
+                   prefix: str = "") -> None:
     """Feed one batch of maps (B, H, W) for ``images`` (B, 3, H, W) into every metric;
-    :func:`stop_if_asked` before each."""
+    :func:`stop_if_asked` before each; seconds per metric added to ``timings`` (keys
+    ``<prefix><metric>``) when given."""
     indices = batch["index"].to(images.device)
     for name, metric in metrics.items():
         stop_if_asked(should_stop)
-        if name in LOCALISATION_METRICS:
-            metric.update(maps, batch["mask"].to(images.device), indices)
-        else:
-            metric.update(images, maps, indices)
+        with timed(timings, f"{prefix}{name}", images.device):
+            if name in LOCALISATION_METRICS:
+                metric.update(maps, batch["mask"].to(images.device), indices)
+            else:
+                metric.update(images, maps, indices)
 
 
 def stop_if_asked(should_stop: Callable[[], bool] | None) -> None:
@@ -134,6 +158,7 @@ def evaluate_batch(
     device: torch.device | str | None = None,
     precision: str = "float32",
     should_stop: Callable[[], bool] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> None:
     """Explain one batch with every explainer (the backbone's predictions) and feed each map
     stack into that explainer's suite, under :func:`metric_precision`. ``batch`` holds ``image``
@@ -144,7 +169,9 @@ def evaluate_batch(
     with metric_precision(images.device, precision):
         for name, explainer in explainers.items():
             stop_if_asked(should_stop)
-            update_metrics(suites[name], images, explainer(images).float(), batch, should_stop)
+            with timed(timings, name, images.device):
+                maps = explainer(images).float()
+            update_metrics(suites[name], images, maps, batch, should_stop, timings, f"{name}/")
 
 
 #: suffix of a figure's standard error over images in the results (``AD@15_se``)
@@ -250,6 +277,7 @@ class ExplainerEvaluation(L.LightningModule):
         self.precision = str(settings.get("precision", "float32"))
         self.skipped_images = skipped_images if skipped_images is not None else UNOWNED
         self.results: dict[str, dict[str, float]] = {}
+        self._batch_seconds: list[float] = []
         self.curves: dict[str, dict[str, list[float]]] = {}
 
     def on_test_start(self) -> None:
@@ -263,8 +291,26 @@ class ExplainerEvaluation(L.LightningModule):
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         if batch["image"].shape[0] == 0:  # every file of the batch was skipped
             return
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
         evaluate_batch(self.explainers, self.metric_suites, batch, precision=self.precision,
-                       should_stop=lambda: bool(getattr(self.trainer, "received_sigterm", False)))
+                       should_stop=lambda: bool(getattr(self.trainer, "received_sigterm", False)),
+                       timings=timings)
+        self._report_progress(batch_idx, time.perf_counter() - start, timings)
+
+    def _report_progress(self, batch_idx: int, seconds: float, timings: Mapping[str, float]) -> None:
+        """One log line per batch: its time per explainer and metric, and the ETA of the loop."""
+        self._batch_seconds.append(seconds)
+        total = getattr(self.trainer, "num_test_batches", [None])
+        total = total[0] if total else None
+        done = batch_idx + 1
+        eta = ""
+        if isinstance(total, (int, float)) and math.isfinite(total):
+            remaining = (total - done) * sum(self._batch_seconds) / len(self._batch_seconds)
+            eta = f"; ETA {remaining / 60:.1f} min" if remaining >= 60 else f"; ETA {remaining:.0f} s"
+        parts = ", ".join(f"{key} {value:.1f} s" for key, value in timings.items())
+        log.info("evaluation batch %d/%s in %.1f s (%s)%s", done, total if total is not None else "?",
+                 seconds, parts, eta)
 
     def on_test_epoch_end(self) -> None:
         for name, suite in self.metric_suites.items():
