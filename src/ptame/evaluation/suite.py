@@ -33,7 +33,7 @@ from ptame.metrics import (
     PointingGame,
     measure_cost,
 )
-from ptame.metrics.base import PerImageMetric
+from ptame.metrics.base import STANDARD_ERROR_SUFFIX, PerImageMetric
 from ptame.networks.frozen import Backbone
 
 log = logging.getLogger(__name__)
@@ -174,10 +174,6 @@ def evaluate_batch(
             update_metrics(suites[name], images, maps, batch, should_stop, timings, f"{name}/")
 
 
-#: suffix of a figure's standard error over images in the results (``AD@15_se``)
-STANDARD_ERROR_SUFFIX = "_se"
-
-
 def compute_metrics(metrics: Mapping[str, Metric]) -> tuple[dict[str, float], dict[str, list[float]]]:
     """(flat figures, ROAD curves) of a metric suite (synchronised across processes); every
     figure of a per-image metric comes with its standard error over images
@@ -190,22 +186,19 @@ def compute_metrics(metrics: Mapping[str, Metric]) -> tuple[dict[str, float], di
             figures.update({key: float(v) for key, v in value.items()})
         else:
             figures[name] = float(value)
-        if isinstance(metric, ROAD):  # over every process, as compute() sees the images
-            with metric.sync_context(should_sync=metric.sync_on_compute):
+        if not isinstance(metric, PerImageMetric):
+            continue
+        # over every process, as compute() sees the images
+        with metric.sync_context(should_sync=metric.sync_on_compute):
+            errors = metric.standard_errors()
+            if isinstance(metric, ROAD):
                 curves = {key: [float(v) for v in values] for key, values in metric.curves().items()}
-            curves["percentages"] = list(metric.percentages)
-    for name, metric in metrics.items():  # the standard error over images of each figure
-        if isinstance(metric, PerImageMetric):
-            with metric.sync_context(should_sync=metric.sync_on_compute):
-                errors = metric.standard_errors()
-            if isinstance(errors, dict):
-                figures.update({f"{key}{STANDARD_ERROR_SUFFIX}": float(v) for key, v in errors.items()})
-            else:
-                figures[f"{name}{STANDARD_ERROR_SUFFIX}"] = float(errors)
-    counted = [metric for metric in metrics.values() if isinstance(metric, PerImageMetric)]
-    if counted:  # distinct images behind the figures, over every process (as compute() sees them)
-        with counted[0].sync_context(should_sync=counted[0].sync_on_compute):
-            figures["images_evaluated"] = float(counted[0].per_image()[0].numel())
+                curves["percentages"] = list(metric.percentages)
+            figures.setdefault("images_evaluated", float(metric.per_image()[0].numel()))
+        if isinstance(errors, dict):
+            figures.update({f"{key}{STANDARD_ERROR_SUFFIX}": float(v) for key, v in errors.items()})
+        else:
+            figures[f"{name}{STANDARD_ERROR_SUFFIX}"] = float(errors)
     return figures, curves
 
 

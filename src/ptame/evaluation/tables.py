@@ -20,6 +20,7 @@ from typing import Any
 from ptame.evaluation.contributions import CONTRIBUTION_PREFIX
 from ptame.io import write_json_atomic, write_text_atomic
 from ptame.metrics import metric_direction
+from ptame.metrics.base import STANDARD_ERROR_SUFFIX
 
 # Column order of the result tables (Table 1 of the paper first).
 TABLE_COLUMNS = [
@@ -34,10 +35,6 @@ def table_columns(results: Mapping[str, Mapping[str, float]]) -> list[str]:
     return [c for c in TABLE_COLUMNS if c in present] + sorted(present - set(TABLE_COLUMNS))
 
 
-#: suffix of a figure's standard error over images (``AD@15_se``), shown as "value ± se"
-ERROR_SUFFIX = "_se"
-
-
 def summary_columns(results: Mapping[str, Mapping[str, float]]) -> list[str]:
     """The columns of results.md and results.tex: :func:`table_columns` without the ROAD curve
     points, the layer contributions and the standard errors (these are shown beside their
@@ -45,13 +42,13 @@ def summary_columns(results: Mapping[str, Mapping[str, float]]) -> list[str]:
     return [
         column for column in table_columns(results)
         if ("@" not in column or column.startswith(("AD@", "IC@")))
-        and not column.startswith(CONTRIBUTION_PREFIX) and not column.endswith(ERROR_SUFFIX)
+        and not column.startswith(CONTRIBUTION_PREFIX) and not column.endswith(STANDARD_ERROR_SUFFIX)
     ]
 
 
 def with_error(column: str, text: str, figures: Mapping[str, float], plus_minus: str = " ± ") -> str:
     """``text`` followed by the figure's standard error when the results have one."""
-    error = format_number(column, figures.get(column + ERROR_SUFFIX))
+    error = format_number(column, figures.get(column + STANDARD_ERROR_SUFFIX))
     return text if error is None else f"{text}{plus_minus}{error}"
 
 

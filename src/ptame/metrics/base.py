@@ -41,6 +41,9 @@ def deduplicate(indices: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
 
 PIXEL_RULES = ("exact", "release")
 
+#: suffix of a figure's standard error over images in the results (``AD@15_se``)
+STANDARD_ERROR_SUFFIX = "_se"
+
 
 def pixel_count(fraction: float, pixels: int) -> int:
     """round(fraction * pixels): the number of pixels a fraction selects (``"exact"`` rule)."""
