@@ -310,3 +310,21 @@ def test_road_curves_carry_the_standard_error_of_each_point():
         assert torch.allclose(curves[f"{order}_se"], expected)
     errors = metric.standard_errors()
     assert errors["ROAD_MoRF@30"] == pytest.approx(float(curves["MoRF_se"][0]))
+
+
+def test_every_figure_is_the_mean_of_its_per_image_values():
+    """The standard errors are of per-image values whose mean is the published figure (AUCs are
+    linear in the curve: the mean of per-image AUCs is the AUC of the mean curve)."""
+    from .helpers.networks import make_backbone
+
+    backbone = make_backbone()
+    torch.manual_seed(0)
+    images, maps = torch.rand(6, 3, 16, 16), torch.rand(6, 16, 16)
+    for metric in (AverageDropIncrease(backbone, thresholds=[100, 50]), ROAD(backbone, percentages=[30, 70], imputer="mean"),
+                   InsertionDeletion(backbone, steps=4)):
+        metric.update(images, maps, torch.arange(6))
+        figures, per_image = metric.compute(), metric.per_image_figures()
+        assert figures.keys() == per_image.keys()
+        for key, value in figures.items():
+            assert per_image[key].shape == (6,)
+            assert float(per_image[key].mean()) == pytest.approx(float(value), rel=1e-6, abs=1e-6), key
