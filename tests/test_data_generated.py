@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -70,9 +71,9 @@ def test_cache_key_is_stable_and_depends_on_every_field():
     assert len(spec.cache_key()) == 12 and int(spec.cache_key(), 16) >= 0
     changes = dict(image_size=48, num_classes=4, num_train=10, num_val=10, num_test=10, seed=1,
                    rotation_degrees=5.0, min_radius=0.1, max_radius=0.2, min_contrast=0.3,
-                   num_lines=1, num_blobs=1, noise_std=0.01)
-    assert set(changes) == set(spec.to_dict()), "test must cover every spec field"
-    keys = {GeneratedShapesSpec(**{**spec.to_dict(), name: value}).cache_key()
+                   num_lines=1, num_blobs=1, noise_std=0.01, objects_per_image=2)
+    assert set(changes) == {f.name for f in dataclasses.fields(spec)}, "test must cover every spec field"
+    keys = {dataclasses.replace(spec, **{name: value}).cache_key()
             for name, value in changes.items()}
     assert len(keys) == len(changes) and spec.cache_key() not in keys
 
@@ -363,3 +364,82 @@ def test_concurrent_builders_generate_the_cache_once(tmp_path, monkeypatch):
         thread.join()
     assert len(calls) == 1
     assert torch.equal(results[0]["train"].images, results[1]["train"].images)
+
+
+# ------------------------------------------------------------------------------------------
+# Two-object test images (data=generated_pairs)
+# ------------------------------------------------------------------------------------------
+
+
+# the cache key of the default spec before objects_per_image existed (GENERATOR_VERSION 2): datasets,
+# classifiers and checkpoints of one-object runs keep their keys
+ONE_OBJECT_DEFAULT_KEY = "4a748577810b"
+
+
+def test_one_object_specs_keep_their_cache_keys():
+    spec = GeneratedShapesSpec()
+    assert spec.cache_key() == ONE_OBJECT_DEFAULT_KEY
+    assert "objects_per_image" not in spec.to_dict()
+    pairs = GeneratedShapesSpec(objects_per_image=2)
+    assert pairs.to_dict()["objects_per_image"] == 2 and pairs.cache_key() != spec.cache_key()
+    assert dataclasses.replace(pairs, objects_per_image=1) == spec
+    with pytest.raises(ValueError, match="objects_per_image must be one of"):
+        GeneratedShapesSpec(objects_per_image=3)
+
+
+@pytest.fixture(scope="module")
+def pair_splits():
+    spec = GeneratedShapesSpec(num_train=64, num_val=16, num_test=200, seed=4, objects_per_image=2)
+    return spec, generate(spec)
+
+
+def test_pairs_hold_two_disjoint_objects_of_different_classes(pair_splits):
+    spec, splits = pair_splits
+    test = splits.test
+    assert test.object_labels.shape == (200, 2) and test.object_masks.shape == (200, 2, 64, 64)
+    assert (test.object_labels[:, 0] != test.object_labels[:, 1]).all()
+    assert torch.equal(test.labels, test.object_labels[:, 0])
+    assert torch.equal(test.masks, test.object_masks.any(dim=1))
+    assert not (test.object_masks[:, 0] & test.object_masks[:, 1]).any()
+    areas = test.object_masks.sum(dim=(2, 3))
+    assert areas.min() >= 40  # each object is really there (radius >= 0.12 x 64 px)
+    # the objects do not touch: no pixel of one is next to a pixel of the other
+    grown = F.max_pool2d(test.object_masks[:, 0, None].float(), 3, stride=1, padding=1)[:, 0] > 0
+    assert not (grown & test.object_masks[:, 1]).any()
+    # each object is painted in one colour: its pixels vary only by the pixel noise
+    images = test.images.float() / 255
+    for image, masks in zip(images[:20], test.object_masks[:20], strict=True):
+        for mask in masks:
+            assert image[:, mask].std(dim=1).max() < 0.05  # noise_std 0.03
+    first_classes = torch.bincount(test.object_labels[:, 0], minlength=8)
+    assert first_classes.max() - first_classes.min() <= 1  # balanced like the one-object split
+
+
+def test_every_split_of_a_pair_dataset_holds_pairs(pair_splits):
+    spec, splits = pair_splits
+    for split in ("train", "val", "test"):
+        data = splits[split]
+        assert data.object_labels.shape == (spec.split_size(split), 2)
+        assert (data.object_labels[:, 0] != data.object_labels[:, 1]).all()
+        assert torch.equal(data.masks, data.object_masks.any(dim=1))
+    assert not torch.equal(splits.train.images[:8], generate_split(dataclasses.replace(spec, objects_per_image=1),
+                                                                   "train").images[:8])
+
+
+def test_pair_items_carry_their_objects_and_round_trip_the_cache(tmp_path, pair_splits):
+    spec, splits = pair_splits
+    loaded = load_or_generate(spec, tmp_path)
+    assert torch.equal(loaded.test.object_masks, splits.test.object_masks)
+    assert torch.equal(loaded.test.object_labels, splits.test.object_labels)
+    item = GeneratedShapesDataset(loaded.test)[7]
+    assert item["object_labels"].tolist() == splits.test.object_labels[7].tolist()
+    assert torch.equal(item["object_masks"], splits.test.object_masks[7])
+    assert GeneratedShapesDataset(loaded.train)[0]["object_masks"].shape == (2, 64, 64)
+    one_object = GeneratedShapesSpec(num_train=16, num_val=0, num_test=0)
+    assert "object_labels" not in GeneratedShapesDataset(generate_split(one_object, "train"))[0]
+    module = GeneratedShapesDataModule(str(tmp_path), num_train=64, num_val=16, num_test=200, seed=4,
+                                       batch_size=16, objects_per_image=2)
+    assert module.has_object_masks
+    batch = next(iter(module.test_dataloader()))
+    assert batch["object_masks"].shape == (200, 2, 64, 64)
+    assert not GeneratedShapesDataModule(str(tmp_path), num_train=64, batch_size=16).has_object_masks

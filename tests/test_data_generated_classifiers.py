@@ -330,3 +330,32 @@ def test_a_classifier_trained_to_near_chance_fails_loudly_naming_its_recipe(tmp_
                                                        r"lr=0\.01, batch_size=64.*Raise backbone\.epochs"):
         generated_backbone(TINY, str(tmp_path), epochs=1, batch_size=64, lr=1e-2)
     assert not list((tmp_path / "models").glob("*.pt"))  # not cached: the next run trains again
+
+
+def test_two_object_images_train_both_classes_and_count_as_correct_only_with_both_on_top():
+    from ptame.data.generated import SplitData
+    from ptame.data.generated_classifiers import chance_accuracy, correct_predictions, training_targets
+
+    objects = torch.tensor([[2, 0], [1, 3]])
+    split = SplitData(images=torch.zeros(2, 3, 8, 8, dtype=torch.uint8), labels=objects[:, 0],
+                      masks=torch.zeros(2, 8, 8, dtype=torch.bool), object_labels=objects,
+                      object_masks=torch.zeros(2, 2, 8, 8, dtype=torch.bool))
+    index = torch.tensor([0, 1])
+    assert training_targets(split, index, 4).tolist() == [[0.5, 0, 0.5, 0], [0, 0.5, 0, 0.5]]
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0],   # top 2 = {0, 1}: object 2 missed
+                           [0.0, 5.0, 1.0, 4.0]])  # top 2 = {1, 3}: both objects
+    assert correct_predictions(logits, split, index).tolist() == [False, True]
+    single = SplitData(images=split.images, labels=torch.tensor([0, 2]), masks=split.masks)
+    assert correct_predictions(logits, single, index).tolist() == [True, False]
+    assert training_targets(single, index, 4).tolist() == [0, 2]
+    assert chance_accuracy(GeneratedShapesSpec(objects_per_image=2)) == pytest.approx(1 / 28)
+    assert chance_accuracy(GeneratedShapesSpec()) == pytest.approx(1 / 8)
+
+
+def test_a_classifier_trained_on_pairs_scores_both_objects(tmp_path):
+    spec = dict(image_size=48, num_classes=3, num_train=1536, num_val=0, num_test=96, seed=2,
+                objects_per_image=2, min_radius=0.15, max_radius=0.2)
+    backbone = generated_backbone(spec, str(tmp_path), epochs=6, batch_size=64, lr=1e-2, masking_augmentation=0.0,
+                                  min_accuracy_above_chance=None)
+    accuracy = backbone.training_metadata["test_accuracy"]  # both classes in the top 2
+    assert accuracy > 1 / 3 + 0.3, accuracy  # chance: 1 / (3 choose 2)

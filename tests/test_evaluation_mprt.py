@@ -11,6 +11,8 @@ from torch import nn
 from ptame.evaluation.mprt import (
     block_parameters,
     cumulative_randomisations,
+    explanation_maps,
+    format_mprt,
     map_ssim,
     model_parameter_randomisation,
     plot_mprt,
@@ -197,3 +199,61 @@ def test_ptame_maps_depend_on_the_backbone_only_through_the_explained_class(tmp_
     path = plot_mprt({"ptame": result}, tmp_path / "mprt.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
     assert json.loads(json.dumps(result.as_dict()))["passes"]["original"] is False
+
+
+def test_the_retrain_protocol_compares_a_head_retrained_on_each_randomised_backbone():
+    explainer = trained_tiny_ptame()
+    images = varied_images()
+    seen = []
+
+    def retrain(randomised):
+        """A head trained afresh (here: re-initialised) on the randomised backbone."""
+        seen.append(randomised.backbone)
+        torch.manual_seed(len(seen))
+        fresh = PTAMEModule(randomised.backbone, randomised.model.auxiliary, PTAMELoss(), input_size=(32, 32))
+        return fresh.explainer()
+
+    fixed = model_parameter_randomisation(explainer, images, seed=1)
+    retrained = model_parameter_randomisation(explainer, images, seed=1, protocol="retrain", retrain=retrain)
+    assert len(seen) == 2 and all(backbone is not explainer.backbone for backbone in seen)
+    assert retrained.protocol == "retrain" and len(retrained.retrain_seconds) == 2
+    assert fixed.protocol == "fixed_head" and fixed.retrain_seconds == []
+    # the kept head gives the original maps for the original class; another head does not
+    assert fixed.ssim["original"] == [1.0, 1.0]
+    assert max(retrained.ssim["original"]) < 0.99
+    assert retrained.prediction_agreement == fixed.prediction_agreement
+
+    # an explainer without a trained head is compared as under fixed_head, and never retrained
+    sobel = SobelEdgeExplainer(make_backbone())
+    result = model_parameter_randomisation(sobel, images, protocol="retrain", retrain=retrain)
+    assert len(seen) == 2 and result.ssim["randomised"] == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert result.passes == {"original": False, "randomised": False}
+    with pytest.raises(ValueError, match="needs a function that retrains the head of 'ptame'"):
+        model_parameter_randomisation(explainer, images, protocol="retrain")
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        model_parameter_randomisation(explainer, images, protocol="refit")
+
+
+def test_maps_that_go_blank_score_the_ssim_of_an_all_zero_map_and_a_mean_of_zero():
+    """SSIM calls a blank map "similar" to sparse maps: the result says how similar (blank_map_ssim)
+    and how bright the maps are, so a blank explanation is told from a kept one."""
+    explainer = trained_tiny_ptame()
+    images = varied_images()
+
+    class Blank(SobelEdgeExplainer):
+        def explain(self, images, targets):
+            return torch.zeros(images.shape[0], *images.shape[-2:])
+
+    def retrain(randomised):
+        blank = Blank(randomised.backbone)
+        blank.low_resolution_maps = lambda images, targets: torch.zeros(images.shape[0], 16, 16)
+        return blank
+
+    result = model_parameter_randomisation(explainer, images, seed=1, protocol="retrain", retrain=retrain)
+    reference = explanation_maps(explainer, images, explainer.backbone(images).argmax(1))
+    assert result.blank_map_ssim == pytest.approx(float(map_ssim(torch.zeros_like(reference), reference).mean()))
+    assert result.reference_map_mean == pytest.approx(float(reference.mean()))
+    for mode in ("original", "randomised"):
+        assert result.ssim[mode] == pytest.approx([result.blank_map_ssim] * 2, abs=1e-6)
+        assert result.map_mean[mode] == [0.0, 0.0]
+    assert "an all-zero map scores SSIM" in format_mprt({"ptame": result})

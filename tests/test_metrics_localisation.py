@@ -138,3 +138,52 @@ def test_scaled_tolerance_is_torchrays_15_px_at_500_px():
     assert torch.equal(dilate_masks(masks, scaled_pointing_tolerance(64)), dilate_masks(masks, 2))
     with pytest.raises(ValueError, match="positive"):
         scaled_pointing_tolerance(0)
+
+
+def test_class_specific_localisation_by_hand():
+    from ptame.metrics import ClassSpecificLocalisation
+    from ptame.metrics.localisation import CLASS_SPECIFIC_KEYS
+
+    object_masks = torch.zeros(2, 2, 4, 4, dtype=torch.bool)
+    object_masks[:, 0, 0, 0:2] = True  # object A: top-left pair of pixels
+    object_masks[:, 1, 3, 2:4] = True  # object B: bottom-right pair
+    object_labels = torch.tensor([[2, 5], [5, 1]])
+    asked = []
+
+    def explain(targets):
+        """Image 0: every class's map peaks on object A (mass 3 there, 1 on B); image 1: each
+        class's map sits on its own object (all mass there)."""
+        asked.append(targets.tolist())
+        maps = torch.zeros(2, 4, 4)
+        maps[0, 0, 0], maps[0, 3, 3] = 3.0, 1.0
+        own = 0 if targets[1] == object_labels[1, 0] else 1
+        maps[1][object_masks[1, own]] = 1.0
+        return maps
+
+    metric = ClassSpecificLocalisation()
+    metric.update(explain, object_labels, object_masks, torch.tensor([0, 1]))
+    assert asked == [[2, 5], [5, 1]]  # each object's class, object by object
+    figures = {key: float(value) for key, value in metric.compute().items()}
+    # image 0: object A explained -> hit A, miss B; object B explained -> miss B, hit A (the other)
+    #   pointing (own, other) = mean((1, 0), (0, 1)) = (0.5, 0.5); energy 0.75 on A, 0.25 on B
+    # image 1: pointing (1, 0), energy (1, 0)
+    assert figures == pytest.approx({"class_pointing_game": 0.75, "class_pointing_game_other": 0.25,
+                                     "class_energy_pointing_game": 0.75, "class_energy_pointing_game_other": 0.25})
+    assert list(figures) == list(CLASS_SPECIFIC_KEYS)
+    assert ClassSpecificLocalisation.direction("class_pointing_game_other") == "min"
+    with pytest.raises(ValueError, match="object_labels"):
+        metric.update(explain, object_labels[:, :1], object_masks[:, :1], torch.tensor([0, 1]))
+
+
+def test_class_specific_pointing_uses_the_tolerance_rule():
+    from ptame.metrics import ClassSpecificLocalisation
+
+    object_masks = torch.zeros(1, 2, 8, 8, dtype=torch.bool)
+    object_masks[0, 0, 2, 2] = True
+    object_masks[0, 1, 6, 6] = True
+    maps = torch.zeros(1, 8, 8)
+    maps[0, 3, 3] = 1.0  # sqrt(2) px from object 0, far from object 1
+    for tolerance, expected in ((0.0, 0.0), (2.0, 0.5)):  # hits object 0's map only within 2 px
+        metric = ClassSpecificLocalisation(tolerance=tolerance)
+        metric.update(lambda targets: maps, torch.tensor([[0, 1]]), object_masks, torch.tensor([0]))
+        assert float(metric.compute()["class_pointing_game"]) == expected

@@ -175,3 +175,120 @@ def test_the_evaluation_logs_each_batch_with_its_time_per_method_and_metric_and_
     assert [line.split(" in ")[0] for line in lines] == [f"evaluation batch {i}/3" for i in (1, 2, 3)]
     assert "centre " in lines[0] and "centre/adic " in lines[0] and "random/adic " in lines[0]
     assert "ETA" in lines[0] and lines[-1].endswith("ETA 0 s")
+
+
+def test_the_progress_bar_advances_once_per_explainer_and_metric_of_every_batch(monkeypatch):
+    import lightning as L
+    import torch
+
+    from ptame.evaluation import suite as suite_module
+    from ptame.evaluation.suite import ExplainerEvaluation
+    from ptame.explainers import CentreGaussianExplainer, RandomExplainer
+
+    from .helpers.networks import make_backbone
+
+    bars = []
+
+    class RecordingProgress(suite_module.EvaluationProgress):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.shown: list[str] = []
+            bars.append(self)
+
+        def step(self, key):
+            self.shown.append(key)
+            return super().step(key)
+
+    monkeypatch.setattr(suite_module, "EvaluationProgress", RecordingProgress)
+    backbone = make_backbone()
+    explainers = {"centre": CentreGaussianExplainer(backbone), "random": RandomExplainer(backbone)}
+    settings = {"adic": {"thresholds": [50]}, "insertion_deletion": {"steps": 2}, "localisation": False}
+    evaluation = ExplainerEvaluation(explainers, backbone, settings, has_masks=False)
+    data = [{"image": torch.rand(3, 16, 16), "index": torch.tensor(i)} for i in range(6)]
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.test(evaluation, dataloaders=torch.utils.data.DataLoader(data, batch_size=2), verbose=False)
+    (bar,) = bars
+    per_batch = ["centre", "centre/adic", "centre/insertion_deletion",
+                 "random", "random/adic", "random/insertion_deletion"]
+    assert bar.bar.total == 3 * 6 and bar.bar.n == 3 * 6  # 3 batches x (2 explainers + 4 metrics)
+    assert bar.shown == per_batch * 3
+
+    # the loop outside Lightning (train.py, the callback) counts the same steps and honours max_images
+    suites = {name: suite_module.build_metrics(backbone, settings, has_masks=False) for name in explainers}
+    suite_module.evaluate_explainers(explainers, suites, torch.utils.data.DataLoader(data, batch_size=2),
+                                     "cpu", max_images=3)
+    assert bars[1].bar.total == 2 * 6 and bars[1].shown == per_batch * 2
+
+
+def test_mprt_retrain_protocol_retrains_the_head_with_the_checkpoints_recipe_and_budget(trained, tmp_path, caplog):
+    import logging
+
+    cache, train_dir = trained
+    checkpoint = train_dir / "checkpoints" / "last.ckpt"
+    common = [*TINY_DATA, f"paths.cache_dir={cache}", f"paths.output_dir={tmp_path}", f"ckpt_path={checkpoint}",
+              "explainers=[ptame]", "max_images=4", "cost_images=0", "metrics.road=null",
+              "metrics.insertion_deletion=null", "metrics.adic=null", "analysis.mprt=true",
+              "analysis.mprt_options.protocol=retrain", "analysis.mprt_options.explainers=[ptame,sobel]",
+              "analysis.mprt_options.images=4", "analysis.mprt_options.blocks=[stem,fc]"]
+    steps = __import__("torch").load(checkpoint, weights_only=True)["global_step"]
+    cfg, mismatched = compose_config("evaluate", common), compose_config("evaluate", [*common, "model.lr=0.1"])
+    with hydra_search_path(), caplog.at_level(logging.INFO, logger="ptame.evaluation.mprt"):
+        run_evaluation(cfg, tmp_path / "run")
+    mprt = json.loads((tmp_path / "run" / "mprt.json").read_text())
+    assert mprt["settings"]["protocol"] == "retrain" and mprt["ptame"]["protocol"] == "retrain"
+    assert len(mprt["ptame"]["retrain_seconds"]) == 2 and mprt["sobel"]["retrain_seconds"] == []
+    assert sum("retrained on the backbone randomised up to" in r.getMessage() for r in caplog.records) == 2
+    assert mprt["sobel"]["ssim"]["randomised"] == pytest.approx([1.0, 1.0])
+
+    # the same recipe, seed and budget: retrained on the original backbone, the head is the
+    # checkpoint's own, so under this protocol only the backbone's randomisation moves the maps
+    import torch
+
+    from ptame.evaluation.mprt import cumulative_randomisations
+    from ptame.explainers.ptame import load_explainer
+    from ptame.pipelines.evaluate import head_retrainer
+
+    original = load_explainer(checkpoint, cache_dir=cache)
+    retrain = head_retrainer(cfg, "cpu")
+    reference = {k: v.clone() for k, v in original.model.attention.state_dict().items()}
+    reproduced = retrain(original).model.attention.state_dict()
+    assert steps >= 1 and all(torch.allclose(reproduced[k].float(), v.float(), atol=1e-5) for k, v in reference.items())
+    _, randomised = next(cumulative_randomisations(original, blocks=["fc"], seed=0))
+    other = retrain(randomised).model.attention.state_dict()
+    assert max(float((other[k].float() - v.float()).abs().max()) for k, v in reference.items()) > 1e-3
+
+    with hydra_search_path(), pytest.raises(ValueError, match=r"lr: checkpoint 0\.005, config 0\.1"):
+        run_evaluation(mismatched, tmp_path / "mismatch")
+
+
+def test_two_object_images_get_class_specific_localisation_in_train_and_evaluate(tmp_path, capsys):
+    """data=generated_pairs through the real entry points: metrics.json and results.json carry
+    <method>/class_pointing_game[_other] and the energies for P-TAME, Grad-CAM and the random map."""
+    from ptame.metrics.localisation import CLASS_SPECIFIC_KEYS
+
+    common = [*TINY_DATA, "data=generated_pairs", f"paths.cache_dir={tmp_path / 'cache'}"]
+    metrics = run_training(compose_config("train", [*common, "final_evaluation.overlay_images=0"]), tmp_path / "train")
+    printed = capsys.readouterr().out
+    assert "Class-specific, each object's class explained (< 2 px)" in printed
+    assert "both objects' classes are its top 2" in printed
+    for method in ("ptame", "random", "centre_gaussian", "gradcam"):
+        values = [metrics[f"{method}/{key}"] for key in CLASS_SPECIFIC_KEYS]
+        assert all(0.0 <= value <= 1.0 for value in values)
+    # maps that ignore the class score the same on the explained object and on the other
+    assert metrics["random/class_pointing_game"] == metrics["random/class_pointing_game_other"]
+    assert metrics["centre_gaussian/class_energy_pointing_game"] == pytest.approx(
+        metrics["centre_gaussian/class_energy_pointing_game_other"], abs=0.15)
+    assert 0.0 <= metrics["backbone/top2_both_objects"] <= 1.0
+
+    cfg = compose_config("evaluate", [
+        *common, f"ckpt_path={tmp_path / 'train' / 'checkpoints' / 'last.ckpt'}", "explainers=[ptame,gradcam,random]",
+        "max_images=8", "cost_images=0", "metrics.road=null", "metrics.insertion_deletion=null", "metrics.adic=null"])
+    with hydra_search_path():
+        results = run_evaluation(cfg, tmp_path / "evaluate")
+    saved = method_results(json.loads((tmp_path / "evaluate" / "results.json").read_text()))
+    for method in ("ptame", "gradcam", "random"):
+        for key in CLASS_SPECIFIC_KEYS:
+            assert saved[method][key] == pytest.approx(results[method][key])
+            assert f"{key}_se" in saved[method]
+    assert "class_pointing_game_other" in (tmp_path / "evaluate" / "results.md").read_text()

@@ -18,6 +18,7 @@ any classifier, deployed as it is).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -67,7 +68,13 @@ def export_explainer(explainer: PTAMEExplainer, path: str | Path, format: str = 
     inputs: tuple[Tensor, ...] = (images,) if outputs == "all" else (images, torch.tensor([0, 1]))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # sizes read from tensors (the maps' and the fixed input size) are constants of the exported
+        # graph, which the tracer warns about at every such read; the batch stays dynamic, which
+        # verify_export checks on another batch size. torch's deprecation notice of its own tracer
+        # is not the user's to act on.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.jit\.")
         if format == "torchscript":
             traced = torch.jit.trace(module, inputs, check_trace=False)
             traced.save(str(path))

@@ -13,6 +13,14 @@ gives bit-identical tensors, and the train/val/test splits use independent seeds
 
 Batches follow the project convention: dicts with ``image`` (float, [0, 1]), ``label``,
 ``mask`` and ``index``.
+
+Two-object images (``objects_per_image=2``, ``data=generated_pairs``): every image of every
+split holds two objects of different classes, placed apart (their shapes' extents do not touch),
+each with its own colour and mask; items then also carry ``object_labels`` (2,) and
+``object_masks`` (2, H, W), ``mask`` is the union of both objects and ``label`` the first
+object's class. The classifiers of :mod:`ptame.data.generated_classifiers` learn both classes of
+such images (a target of 1/2 on each), and class-specific localisation explains each object's
+class in turn.
 """
 
 from __future__ import annotations
@@ -79,6 +87,8 @@ class GeneratedShapesSpec:
         num_lines: random distractor lines per image.
         num_blobs: soft distractor blobs per image.
         noise_std: standard deviation of the additive (uniform) pixel noise, in [0, 1] units.
+        objects_per_image: 1, or 2 (two objects of different classes in every image, each with
+            its own mask).
     """
 
     image_size: int = 64
@@ -94,13 +104,21 @@ class GeneratedShapesSpec:
     num_lines: int = 3
     num_blobs: int = 3
     noise_std: float = 0.03
+    objects_per_image: int = 1
 
     def __post_init__(self) -> None:
         _validate_spec(self)
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields as a plain dict of primitives (JSON- and Hydra-friendly)."""
-        return dataclasses.asdict(self)
+        """All fields as a plain dict of primitives (JSON- and Hydra-friendly). Fields added after
+        datasets were first cached are left out at their defaults, so that the cache keys of
+        existing datasets and of the classifiers trained on them, and the recipes stored in
+        checkpoints, stay what they were."""
+        values = dataclasses.asdict(self)
+        for name, default in _LATER_FIELD_DEFAULTS.items():
+            if values[name] == default:
+                del values[name]
+        return values
 
     def cache_key(self) -> str:
         """A short stable hash (12 hex digits) of all fields and :data:`GENERATOR_VERSION`."""
@@ -133,10 +151,17 @@ class GeneratedShapesSpec:
         return cls(**values)
 
 
+# fields added after the first datasets were cached, with the default that leaves them out of
+# to_dict() (and so of every cache key)
+_LATER_FIELD_DEFAULTS: dict[str, Any] = {"objects_per_image": 1}
+#: objects per image that the generator supports
+OBJECT_COUNTS = (1, 2)
+
+
 def _validate_spec(spec: GeneratedShapesSpec) -> None:
     """Raise a ValueError describing the first invalid field of ``spec``."""
     int_fields = ("image_size", "num_classes", "num_train", "num_val", "num_test", "seed",
-                  "num_lines", "num_blobs")
+                  "num_lines", "num_blobs", "objects_per_image")
     for name in int_fields:
         value = getattr(spec, name)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -166,6 +191,9 @@ def _validate_spec(spec: GeneratedShapesSpec) -> None:
         )
     if not 0.0 <= spec.noise_std <= 0.5:
         raise ValueError(f"generated dataset: noise_std must be in [0, 0.5], got {spec.noise_std}")
+    if spec.objects_per_image not in OBJECT_COUNTS:
+        raise ValueError(f"generated dataset: objects_per_image must be one of {OBJECT_COUNTS}, "
+                         f"got {spec.objects_per_image}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,11 +203,17 @@ def _validate_spec(spec: GeneratedShapesSpec) -> None:
 
 @dataclass
 class SplitData:
-    """One split: ``images`` uint8 (N, 3, H, W), ``labels`` int64 (N,), ``masks`` bool (N, H, W)."""
+    """One split: ``images`` uint8 (N, 3, H, W), ``labels`` int64 (N,), ``masks`` bool (N, H, W).
+
+    Two-object splits also hold ``object_labels`` int64 (N, 2) (distinct classes; ``labels`` is
+    the first column) and ``object_masks`` bool (N, 2, H, W) (disjoint; ``masks`` is their union).
+    """
 
     images: Tensor
     labels: Tensor
     masks: Tensor
+    object_labels: Tensor | None = None
+    object_masks: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -397,6 +431,36 @@ def _object_coordinates(geometry: Tensor, size: int) -> tuple[Tensor, Tensor]:
     return u, v
 
 
+def _place_pairs(gen: torch.Generator, spec: GeneratedShapesSpec, n: int,
+                 candidates: int = 64, attempts: int = 100) -> Tensor:
+    """Geometry of two objects per image, (n, 2, 4) as in :func:`_place_objects`, whose shapes
+    cannot touch: the distance of the centres exceeds the sum of the shapes' extents (1.1 radii
+    each) by at least 2 px. The second object is the first of ``candidates`` random placements
+    that fits; the images where none fits are drawn again (both objects), so every object keeps
+    the one-object size distribution conditioned on the pair fitting.
+
+    Raises:
+        ValueError: no pair fits after ``attempts`` draws (radii too large for the image).
+    """
+    geometry = torch.empty((n, 2, 4))
+    pending = torch.arange(n)
+    for _ in range(attempts):
+        count = pending.numel()
+        first = _place_objects(gen, spec, count)
+        second = _place_objects(gen, spec, count * candidates).view(count, candidates, 4)
+        distance = (second[..., :2] - first[:, None, :2]).norm(dim=2)
+        fits = distance >= _SHAPE_EXTENT * (first[:, None, 2] + second[..., 2]) + 2.0
+        placed = fits.any(dim=1)
+        chosen = second[torch.arange(count), fits.float().argmax(dim=1)]
+        geometry[pending[placed], 0] = first[placed]
+        geometry[pending[placed], 1] = chosen[placed]
+        pending = pending[~placed]
+        if pending.numel() == 0:
+            return geometry
+    raise ValueError(f"generated dataset: could not place two objects apart in {spec.image_size} px "
+                     f"images with max_radius={spec.max_radius}; lower max_radius or use objects_per_image=1")
+
+
 def _contrasting_colours(gen: torch.Generator, under: Tensor, min_contrast: float) -> Tensor:
     """Random object colours far enough from the background colour ``under`` (n, 3).
 
@@ -436,15 +500,54 @@ def _generate_chunk(gen: torch.Generator, spec: GeneratedShapesSpec,
     return images, masks
 
 
+def _generate_pair_chunk(gen: torch.Generator, spec: GeneratedShapesSpec,
+                         labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Images uint8 (n, 3, S, S) and object masks bool (n, 2, S, S) for object labels (n, 2):
+    each object painted as in :func:`_generate_chunk`, with a colour contrasting with the
+    background under it."""
+    n, s = labels.shape[0], spec.image_size
+    image = _background(gen, spec, n)
+    geometry = _place_pairs(gen, spec, n)
+    masks = torch.stack([_shape_masks(labels[:, k], *_object_coordinates(geometry[:, k], s))
+                         for k in range(2)], dim=1)
+    for k in range(2):
+        area = masks[:, k].sum(dim=(1, 2)).clamp_min(1).float()
+        under = (image * masks[:, k, None]).sum(dim=(2, 3)) / area[:, None]
+        colour = _contrasting_colours(gen, under, spec.min_contrast)
+        image = torch.where(masks[:, k, None], colour[:, :, None, None], image)
+    noise = torch.rand(image.shape, generator=gen).sub_(0.5).mul_(spec.noise_std * math.sqrt(12))
+    images = (image.add_(noise).clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+    return images, masks
+
+
+def _generate_pair_split(spec: GeneratedShapesSpec, n: int, gen: torch.Generator) -> SplitData:
+    """A two-object split of ``n`` images: the first object's classes balanced and shuffled, the
+    second's uniform over the other classes."""
+    s = spec.image_size
+    first = (torch.arange(n) % spec.num_classes)[torch.randperm(n, generator=gen)]
+    offset = torch.randint(1, spec.num_classes, (n,), generator=gen)
+    object_labels = torch.stack([first, (first + offset) % spec.num_classes], dim=1)
+    images = torch.empty((n, 3, s, s), dtype=torch.uint8)
+    object_masks = torch.empty((n, 2, s, s), dtype=torch.bool)
+    for start in range(0, n, _CHUNK):
+        stop = min(start + _CHUNK, n)
+        images[start:stop], object_masks[start:stop] = _generate_pair_chunk(gen, spec, object_labels[start:stop])
+    return SplitData(images=images, labels=object_labels[:, 0].clone(), masks=object_masks.any(dim=1),
+                     object_labels=object_labels, object_masks=object_masks)
+
+
 def generate_split(spec: GeneratedShapesSpec, split: str) -> SplitData:
     """Generate one split of ``spec`` deterministically (CPU, vectorised in chunks).
 
-    Labels are balanced: ``arange(N) % num_classes``, shuffled with the split's generator.
+    Labels are balanced: ``arange(N) % num_classes``, shuffled with the split's generator. With
+    ``objects_per_image=2`` every image holds two objects (:func:`_generate_pair_split`).
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
     n, s = spec.split_size(split), spec.image_size
     gen = torch.Generator().manual_seed(split_seed(spec.seed, split))
+    if spec.objects_per_image == 2:
+        return _generate_pair_split(spec, n, gen)
     labels = (torch.arange(n) % spec.num_classes)[torch.randperm(n, generator=gen)]
     images = torch.empty((n, 3, s, s), dtype=torch.uint8)
     masks = torch.empty((n, s, s), dtype=torch.bool)
@@ -475,6 +578,8 @@ def _to_payload(splits: GeneratedSplits) -> dict[str, Any]:
     for split in SPLITS:
         data = splits[split]
         payload[split] = {"images": data.images, "labels": data.labels, "masks": data.masks}
+        if data.object_labels is not None:
+            payload[split].update(object_labels=data.object_labels, object_masks=data.object_masks)
     return payload
 
 
@@ -488,9 +593,12 @@ def _from_payload(payload: Any, spec: GeneratedShapesSpec) -> GeneratedSplits:
     splits = {}
     for split in SPLITS:
         part, n = payload[split], spec.split_size(split)
-        data = SplitData(images=part["images"], labels=part["labels"], masks=part["masks"])
+        data = SplitData(images=part["images"], labels=part["labels"], masks=part["masks"],
+                         object_labels=part.get("object_labels"), object_masks=part.get("object_masks"))
         expected = {"images": ((n, 3, s, s), torch.uint8), "labels": ((n,), torch.int64),
                     "masks": ((n, s, s), torch.bool)}
+        if spec.objects_per_image == 2:
+            expected.update(object_labels=((n, 2), torch.int64), object_masks=((n, 2, s, s), torch.bool))
         for name, (shape, dtype) in expected.items():
             tensor = getattr(data, name)
             if (not isinstance(tensor, Tensor) or tuple(tensor.shape) != shape
@@ -546,7 +654,8 @@ class GeneratedShapesDataset(Dataset):
     """One split as a map-style dataset of dict items.
 
     ``dataset[i]`` is ``{"image": float32 (3, H, W) in [0, 1], "label": int64 scalar,
-    "mask": bool (H, W), "index": int64 scalar equal to i}``.
+    "mask": bool (H, W), "index": int64 scalar equal to i}``, plus ``"object_labels"`` int64 (2,)
+    and ``"object_masks"`` bool (2, H, W) on a two-object split.
     """
 
     def __init__(self, split: SplitData) -> None:
@@ -562,12 +671,16 @@ class GeneratedShapesDataset(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         index = index % len(self)
-        return {
+        item = {
             "image": self.split.images[index].to(torch.float32).div_(255.0),
             "label": self.split.labels[index].clone(),
             "mask": self.split.masks[index].clone(),
             "index": torch.tensor(index, dtype=torch.int64),
         }
+        if self.split.object_labels is not None and self.split.object_masks is not None:
+            item["object_labels"] = self.split.object_labels[index].clone()
+            item["object_masks"] = self.split.object_masks[index].clone()
+        return item
 
 
 class GeneratedShapesDataModule(lightning.LightningDataModule):
@@ -626,6 +739,8 @@ class GeneratedShapesDataModule(lightning.LightningDataModule):
         self.resume_position: dict[str, int] | None = None  # from a checkpoint (load_state_dict)
         self.class_names: tuple[str, ...] = CLASS_NAMES[: self.num_classes]
         self.image_size = self.spec.image_size
+        #: items carry object_labels / object_masks (class-specific localisation)
+        self.has_object_masks = self.spec.objects_per_image > 1
         self._splits: GeneratedSplits | None = None
 
     def prepare_data(self) -> None:

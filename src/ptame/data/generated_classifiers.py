@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -125,10 +126,38 @@ def evaluate_accuracy(model: nn.Module, split: SplitData, mean: Sequence[float],
     mean_t, std_t = _stat_tensors(mean, std)
     correct = 0
     for start in range(0, len(split), batch_size):
-        images = split.images[start : start + batch_size].float() / 255.0
-        logits = model(_normalised_batch(images, mean_t, std_t))
-        correct += int((logits.argmax(1) == split.labels[start : start + batch_size]).sum())
+        index = torch.arange(start, min(start + batch_size, len(split)))
+        logits = model(_normalised_batch(split.images[index].float() / 255.0, mean_t, std_t))
+        correct += int(correct_predictions(logits, split, index).sum())
     return correct / len(split)
+
+
+def correct_predictions(logits: Tensor, split: SplitData, index: Tensor) -> Tensor:
+    """(B,) bool: the images ``index`` of ``split`` that ``logits`` (B, C) classify correctly: the
+    top class is the label; on a multi-object split (``object_labels`` (N, K)), the K top classes
+    are the K objects' classes."""
+    if split.object_labels is None:
+        return logits.argmax(1) == split.labels[index]
+    objects = split.object_labels[index]
+    top = logits.topk(objects.shape[1], dim=1).indices.sort(dim=1).values
+    return (top == objects.sort(dim=1).values).all(dim=1)
+
+
+def training_targets(split: SplitData, index: Tensor, num_classes: int) -> Tensor:
+    """Cross-entropy targets of the images ``index``: class indices (B,), or on a multi-object
+    split class probabilities (B, C) of 1/K on each of the K objects' classes (the model learns to
+    score every object's class, so that each can be explained)."""
+    if split.object_labels is None:
+        return split.labels[index]
+    objects = split.object_labels[index]
+    targets = torch.zeros(objects.shape[0], num_classes)
+    return targets.scatter_(1, objects, 1.0 / objects.shape[1])
+
+
+def chance_accuracy(spec: GeneratedShapesSpec) -> float:
+    """The accuracy of guessing (see :func:`correct_predictions`): 1 / C, or 1 / (C choose K) for K
+    objects per image."""
+    return 1.0 / math.comb(spec.num_classes, spec.objects_per_image)
 
 
 def _stat_tensors(mean: Sequence[float], std: Sequence[float]) -> tuple[Tensor, Tensor]:
@@ -149,7 +178,8 @@ def train_classifier(
     seed: int,
     description: str = "training",
 ) -> dict[str, float]:
-    """Train ``model`` in place on ``train`` with AdamW + OneCycleLR and cross-entropy.
+    """Train ``model`` in place on ``train`` with AdamW + OneCycleLR and cross-entropy (against
+    1/K on each object's class on a K-object split, :func:`training_targets`).
 
     Images (uint8) are scaled to [0, 1], multiplied by a random smooth mask with probability
     ``masking_augmentation`` (:func:`random_smooth_masks`), normalised with
@@ -177,15 +207,14 @@ def train_classifier(
                 index = order[step * batch_size : (step + 1) * batch_size]
                 inputs = _training_batch(train.images[index], masking_augmentation, generator,
                                          mean_t, std_t)
-                labels = train.labels[index]
                 logits = model(inputs)
-                loss = F.cross_entropy(logits, labels)
+                loss = F.cross_entropy(logits, training_targets(train, index, logits.shape[1]))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
                 loss_sum += float(loss.detach()) * len(index)
-                correct += int((logits.argmax(1) == labels).sum())
+                correct += int(correct_predictions(logits.detach(), train, index).sum())
                 seen += len(index)
                 stats = {"train_loss": loss_sum / seen, "train_accuracy": correct / seen}
                 bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{stats['train_loss']:.3f}",
@@ -322,13 +351,14 @@ def check_trained(accuracy: float | None, spec: GeneratedShapesSpec, params: Map
     is less than ``margin`` above chance (None: no check)."""
     if margin is None or accuracy is None:
         return
-    chance = 1.0 / spec.num_classes
+    chance = chance_accuracy(spec)
     if accuracy >= chance + margin:
         return
     recipe = ", ".join(f"{k}={params[k]}" for k in ("epochs", "lr", "batch_size", "weight_decay"))
     raise UntrainedClassifierError(
         f"{params['architecture']} trained on the generated shapes reaches {accuracy:.1%} test "
-        f"accuracy, within {margin:.0%} of chance ({chance:.1%} for {spec.num_classes} classes): its "
+        f"accuracy, within {margin:.0%} of chance ({chance:.1%} for {spec.num_classes} classes"
+        f"{f' and {spec.objects_per_image} objects per image' if spec.objects_per_image > 1 else ''}): its "
         f"recipe ({recipe}, {spec.num_train} training images) is too short to explain anything. "
         "Raise backbone.epochs / auxiliary.epochs or data.num_train, or set "
         "min_accuracy_above_chance=null in the backbone / auxiliary config to accept it"

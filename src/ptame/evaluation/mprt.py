@@ -19,6 +19,17 @@ auxiliary and the trained head), so with ``"original"`` targets its maps are exa
 original model at every step (SSIM 1); its maps change only through the randomised model's
 prediction (``"randomised"``). Both are computed by default and reported separately.
 
+Which explainer is compared (``protocol``):
+
+- ``"fixed_head"``: the explainer as trained, its backbone randomised (Adebayo et al.'s test,
+  for a trained explainer: its head stays the one trained on the original backbone).
+- ``"retrain"``: an explainer with a trained head (P-TAME) gets its head retrained on each
+  cumulatively randomised backbone with the recipe and budget of the original training (a
+  ``retrain`` function, e.g. :func:`ptame.pipelines.evaluate.head_retrainer`), and the retrained
+  head's maps are compared with the original ones: this tests whether what P-TAME learns depends
+  on the model it explains. Explainers without a head (Grad-CAM, Sobel, ...) are compared as in
+  ``"fixed_head"``, where their maps already follow the randomised model.
+
 Re-initialisation: every module of a block is reset with its own ``reset_parameters`` (or
 ``_reset_parameters``, e.g. ``nn.MultiheadAttention``), i.e. PyTorch's default initialisation
 (normalisation layers go back to weight 1, bias 0 and fresh running statistics); parameters held
@@ -33,8 +44,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +61,13 @@ from ptame.io import save_figure_atomic
 from ptame.networks.architectures import default_mprt_blocks
 from ptame.networks.frozen import Backbone, named_network
 
+log = logging.getLogger(__name__)
+
 ORDERS = ("bottom_up", "top_down")
 TARGET_MODES = ("original", "randomised")
+PROTOCOLS = ("fixed_head", "retrain")
+#: (randomised explainer) -> an explainer whose head is retrained on its randomised backbone
+Retrainer = Callable[[Explainer], Explainer]
 #: std of the normal draw for parameters without a module reset method (ViT's own init).
 BARE_PARAMETER_STD = 0.02
 
@@ -194,12 +212,22 @@ class MPRTResult:
     std over images after each step per target mode; ``prediction_agreement`` the share of images
     whose randomised model still predicts the original class; ``ssim_per_image[mode][step]``
     the SSIM of every image; ``passes[mode]``: the mean SSIM after the first step is below
-    ``threshold``.
+    ``threshold``; ``protocol``: ``"fixed_head"`` or ``"retrain"`` (module doc), with the
+    seconds each retraining took in ``retrain_seconds``. ``map_mean[mode][step]`` is the mean map
+    value and ``blank_map_ssim`` the SSIM an all-zero map scores against the reference maps
+    (mean over images): sparse maps (mostly near 0, as P-TAME's) are "similar" to a map that
+    shows nothing, so an SSIM near ``blank_map_ssim`` with a ``map_mean`` near 0 means the maps
+    went blank, not that they stayed the same.
     """
 
     explainer: str
     order: str
     blocks: list[str]
+    protocol: str = "fixed_head"
+    retrain_seconds: list[float] = field(default_factory=list)
+    map_mean: dict[str, list[float]] = field(default_factory=dict)
+    reference_map_mean: float = math.nan
+    blank_map_ssim: float = math.nan
     ssim: dict[str, list[float]] = field(default_factory=dict)
     ssim_std: dict[str, list[float]] = field(default_factory=dict)
     prediction_agreement: list[float] = field(default_factory=list)
@@ -226,6 +254,8 @@ def model_parameter_randomisation(
     resolution: str = "explanation",
     threshold: float = 0.5,
     batch_size: int = 32,
+    protocol: str = "fixed_head",
+    retrain: Retrainer | None = None,
 ) -> MPRTResult:
     """Run MPRT for one explainer on ``images`` (B, 3, H, W) in [0, 1].
 
@@ -240,6 +270,9 @@ def model_parameter_randomisation(
             or ``"image"``.
         threshold: SSIM below which the first step counts as passing.
         batch_size: images per explainer call.
+        protocol: ``"fixed_head"`` or ``"retrain"`` (module doc).
+        retrain: for ``"retrain"`` and an explainer with a trained head: returns the explainer
+            with its head retrained on the randomised explainer's backbone.
 
     Returns:
         the :class:`MPRTResult` (SSIM after each step, mean over images).
@@ -247,6 +280,12 @@ def model_parameter_randomisation(
     targets = [str(mode) for mode in targets]
     if not targets or any(mode not in TARGET_MODES for mode in targets):
         raise ValueError(f"MPRT targets must be a non-empty subset of {TARGET_MODES}, got {targets}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"MPRT protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    retrains = protocol == "retrain" and bool(getattr(explainer, "has_trained_head", False))
+    if retrains and retrain is None:
+        raise ValueError(f"MPRT protocol 'retrain' needs a function that retrains the head of "
+                         f"{getattr(explainer, 'name', type(explainer).__name__)!r}")
     steps = cumulative_randomisations(explainer, blocks, order, seed)
     with torch.no_grad():
         original_targets = explainer.backbone(images).argmax(dim=1)
@@ -256,17 +295,27 @@ def model_parameter_randomisation(
         blocks=[], threshold=float(threshold), images=int(images.shape[0]),
         map_size=[int(s) for s in reference.shape[-2:]],
         ssim={mode: [] for mode in targets}, ssim_std={mode: [] for mode in targets},
-        ssim_per_image={mode: [] for mode in targets},
+        ssim_per_image={mode: [] for mode in targets}, protocol=protocol,
+        map_mean={mode: [] for mode in targets}, reference_map_mean=float(reference.mean()),
+        blank_map_ssim=float(map_ssim(torch.zeros_like(reference), reference).mean()),
     )
     for label, randomised in steps:
         result.blocks.append(label)
         with torch.no_grad():
             predictions = randomised.backbone(images).argmax(dim=1)
         result.prediction_agreement.append(float((predictions == original_targets).float().mean()))
+        explained = randomised
+        if retrains:
+            start = time.perf_counter()
+            explained = retrain(randomised).eval()  # type: ignore[misc]
+            result.retrain_seconds.append(round(time.perf_counter() - start, 2))
+            log.info("MPRT: head of %s retrained on the backbone randomised up to %s in %.1f s",
+                     result.explainer, label, result.retrain_seconds[-1])
         for mode in targets:
             wanted = original_targets if mode == "original" else predictions
-            maps = explanation_maps(randomised, images, wanted, resolution, batch_size)
+            maps = explanation_maps(explained, images, wanted, resolution, batch_size)
             scores = map_ssim(maps, reference)
+            result.map_mean[mode].append(float(maps.mean()))
             result.ssim[mode].append(float(scores.mean()))
             result.ssim_std[mode].append(float(scores.std(unbiased=False)))
             result.ssim_per_image[mode].append([float(v) for v in scores])
@@ -327,12 +376,15 @@ def plot_mprt(results: Mapping[str, MPRTResult], path: str | Path) -> Path:
             axis.plot(steps, values, "--" if original else "-", color=f"C{position}",
                       linewidth=width, marker="o", markersize=7 if original else 4,
                       markerfacecolor="none" if original else f"C{position}",
-                      label=f"{name} ({mode} targets)")
+                      label=f"{name} ({mode} targets{', head retrained' if result.retrain_seconds else ''})")
             spread = result.ssim_std.get(mode)
             if spread is not None and len(spread) == len(values):  # the spread over images (+- 1 std)
                 low = [v - d for v, d in zip(values, spread, strict=True)]
                 high = [v + d for v, d in zip(values, spread, strict=True)]
                 axis.fill_between(list(steps), low, high, color=f"C{position}", alpha=0.08, linewidth=0)
+        if math.isfinite(result.blank_map_ssim):  # where maps that went blank end up
+            axis.axhline(result.blank_map_ssim, color=f"C{position}", linewidth=0.8, linestyle=(0, (1, 3)),
+                         label=f"{name}: an all-zero map")
         axis.set_xticks(list(steps), result.blocks, rotation=45, ha="right", fontsize=8)
         threshold = result.threshold
     if not math.isnan(threshold):
@@ -352,10 +404,12 @@ def plot_mprt(results: Mapping[str, MPRTResult], path: str | Path) -> Path:
 
 
 def run_mprt(
-    explainers: Mapping[str, Explainer], images: Tensor, options: Mapping[str, Any]
+    explainers: Mapping[str, Explainer], images: Tensor, options: Mapping[str, Any],
+    retrainers: Mapping[str, Retrainer] | None = None,
 ) -> dict[str, MPRTResult]:
-    """MPRT for every explainer with ``options`` (keys of ``analysis.mprt_options``: blocks,
-    order, targets, resolution, threshold, seed, batch_size)."""
+    """MPRT for every explainer with ``options`` (keys of ``analysis.mprt_options``: protocol,
+    blocks, order, targets, resolution, threshold, seed, batch_size); ``retrainers``: name ->
+    retrain function of the explainers with a trained head (protocol ``"retrain"``)."""
     results = {}
     for name, explainer in explainers.items():
         results[name] = model_parameter_randomisation(
@@ -367,6 +421,8 @@ def run_mprt(
             resolution=str(options.get("resolution", "explanation")),
             threshold=float(options.get("threshold", 0.5)),
             batch_size=int(options.get("batch_size", 32)),
+            protocol=str(options.get("protocol", "fixed_head")),
+            retrain=(retrainers or {}).get(name),
         )
     return results
 
@@ -375,7 +431,9 @@ def format_mprt(results: Mapping[str, MPRTResult]) -> str:
     """One line per explainer and target mode: SSIM after each block, and the verdict."""
     lines = []
     for name, result in results.items():
-        lines.append(f"MPRT {name} ({result.order.replace('_', '-')}, {result.images} images, "
+        protocol = ("head retrained on each randomised backbone" if result.retrain_seconds
+                    else "trained head kept")
+        lines.append(f"MPRT {name} ({protocol}; {result.order.replace('_', '-')}, {result.images} images, "
                      f"maps {result.map_size[0]}x{result.map_size[1]}); "
                      f"blocks: {', '.join(result.blocks)}")
         for mode, values in result.ssim.items():
@@ -384,4 +442,8 @@ def format_mprt(results: Mapping[str, MPRTResult]) -> str:
                          + f"  -> {verdict} (first step {'<' if result.passes[mode] else '>='} "
                          f"{result.threshold})")
         lines.append("  prediction kept: " + " ".join(f"{v:.2f}" for v in result.prediction_agreement))
+        lines.append("  mean map value: " + "; ".join(
+            f"{mode} " + " ".join(f"{v:.3f}" for v in values) for mode, values in result.map_mean.items())
+            + f" (original maps {result.reference_map_mean:.3f}; an all-zero map scores SSIM "
+            f"{result.blank_map_ssim:.3f} against them)")
     return "\n".join(lines)

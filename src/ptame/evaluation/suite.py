@@ -28,6 +28,7 @@ from ptame.explainers.base import Explainer
 from ptame.metrics import (
     ROAD,
     AverageDropIncrease,
+    ClassSpecificLocalisation,
     EnergyPointingGame,
     InsertionDeletion,
     PointingGame,
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 # Metrics that compare maps with ground-truth object masks.
 LOCALISATION_METRICS = ("pointing_game", "energy_pointing_game", "pointing_game_strict")
+# Metrics that explain each object's class of multi-object images (items with object_labels / object_masks).
+CLASS_SPECIFIC_METRICS = ("class_localisation",)
 PRECISIONS = ("float32", "bf16")
 
 
@@ -69,7 +72,8 @@ def metric_precision(device: torch.device | str, precision: str = "float32") -> 
 
 
 def build_metrics(
-    backbone: Backbone, settings: Mapping[str, Any], has_masks: bool, **metric_kwargs: Any
+    backbone: Backbone, settings: Mapping[str, Any], has_masks: bool, has_object_masks: bool = False,
+    **metric_kwargs: Any,
 ) -> dict[str, Metric]:
     """The metric suite for one explainer.
 
@@ -80,6 +84,9 @@ def build_metrics(
             pixels}``: keyword arguments of :class:`AverageDropIncrease`, :class:`ROAD`,
             :class:`InsertionDeletion`; None (or absent) disables a metric.
         has_masks: whether ground-truth masks exist (localisation metrics need them).
+        has_object_masks: whether test items carry ``object_labels`` / ``object_masks`` of
+            several objects (adds ``class_localisation``, :class:`ClassSpecificLocalisation`,
+            with the localisation switch and tolerance).
         metric_kwargs: passed to every metric (e.g. ``sync_on_compute=False``).
     """
     metrics: dict[str, Metric] = {}
@@ -94,6 +101,8 @@ def build_metrics(
     if has_masks and settings.get("localisation", True):
         tolerance = float(settings.get("pointing_tolerance") or 0.0)
         metrics.update(localisation_metrics(tolerance, **metric_kwargs))
+        if has_object_masks:
+            metrics["class_localisation"] = ClassSpecificLocalisation(tolerance=tolerance, **metric_kwargs)
     return metrics
 
 
@@ -108,6 +117,48 @@ def localisation_metrics(pointing_tolerance: float, **metric_kwargs: Any) -> dic
     if pointing_tolerance > 0:
         metrics["pointing_game_strict"] = PointingGame(tolerance=0.0, **metric_kwargs)
     return metrics
+
+
+class EvaluationProgress:
+    """A progress bar over every step of an evaluation: one step per explainer and per metric of
+    each batch, so a long batch (ROAD of 12 methods on ImageNet) still moves the bar, which shows
+    the step running now and tqdm's ETA.
+
+    Args:
+        batches: the number of batches (None or infinite: unknown, no ETA).
+        steps_per_batch: explainers + explainers x metrics.
+        description: the bar's label.
+        disable: no bar (e.g. on every process but rank 0).
+    """
+
+    def __init__(self, batches: float | None, steps_per_batch: int, description: str = "evaluation",
+                 disable: bool = False) -> None:
+        total = batches * steps_per_batch if batches is not None and math.isfinite(batches) else None
+        self.bar = tqdm(total=total, desc=description, unit="step", disable=disable, dynamic_ncols=True)
+
+    @contextlib.contextmanager
+    def step(self, key: str) -> Iterator[None]:
+        """Show ``key`` (``<explainer>`` or ``<explainer>/<metric>``) while the block runs, then
+        advance the bar by one step."""
+        self.bar.set_postfix_str(key, refresh=False)
+        yield
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def steps_per_batch(suites: Mapping[str, Mapping[str, Metric]]) -> int:
+    """Progress steps of one batch: each explainer's forward and each of its metrics."""
+    return sum(1 + len(metrics) for metrics in suites.values())
+
+
+@contextlib.contextmanager
+def tracked(progress: EvaluationProgress | None, timings: dict[str, float] | None, key: str,
+            device: torch.device) -> Iterator[None]:
+    """:func:`timed` and, when ``progress`` is given, one step of the progress bar."""
+    with progress.step(key) if progress is not None else contextlib.nullcontext(), timed(timings, key, device):
+        yield
 
 
 @contextlib.contextmanager
@@ -128,18 +179,34 @@ def timed(timings: dict[str, float] | None, key: str, device: torch.device) -> I
 
 def update_metrics(metrics: Mapping[str, Metric], images: Tensor, maps: Tensor, batch: Mapping[str, Tensor],
                    should_stop: Callable[[], bool] | None = None, timings: dict[str, float] | None = None,
-                   prefix: str = "") -> None:
+                   prefix: str = "", progress: EvaluationProgress | None = None,
+                   explainer: Explainer | None = None) -> None:
     """Feed one batch of maps (B, H, W) for ``images`` (B, 3, H, W) into every metric;
     :func:`stop_if_asked` before each; seconds per metric added to ``timings`` (keys
-    ``<prefix><metric>``) when given."""
+    ``<prefix><metric>``) when given; one ``progress`` step per metric. The class-specific
+    metrics (:data:`CLASS_SPECIFIC_METRICS`) call ``explainer`` for each object's class."""
     indices = batch["index"].to(images.device)
     for name, metric in metrics.items():
         stop_if_asked(should_stop)
-        with timed(timings, f"{prefix}{name}", images.device):
+        with tracked(progress, timings, f"{prefix}{name}", images.device):
             if name in LOCALISATION_METRICS:
                 metric.update(maps, batch["mask"].to(images.device), indices)
+            elif name in CLASS_SPECIFIC_METRICS:
+                update_class_specific(metric, explainer, images, batch, indices)
             else:
                 metric.update(images, maps, indices)
+
+
+def update_class_specific(metric: Metric, explainer: Explainer | None, images: Tensor,
+                          batch: Mapping[str, Tensor], indices: Tensor) -> None:
+    """Explain each object's class of ``images`` (B, 3, H, W) with ``explainer`` into a
+    :class:`ClassSpecificLocalisation` (the batch holds ``object_labels`` (B, K) and
+    ``object_masks`` (B, K, H, W))."""
+    if explainer is None or "object_labels" not in batch or "object_masks" not in batch:
+        raise ValueError("class-specific localisation needs the explainer and batches with object_labels and "
+                         "object_masks (a multi-object dataset such as data=generated_pairs)")
+    metric.update(lambda targets: explainer(images, targets).float(), batch["object_labels"].to(images.device),
+                  batch["object_masks"].to(images.device), indices)
 
 
 def stop_if_asked(should_stop: Callable[[], bool] | None) -> None:
@@ -159,19 +226,22 @@ def evaluate_batch(
     precision: str = "float32",
     should_stop: Callable[[], bool] | None = None,
     timings: dict[str, float] | None = None,
+    progress: EvaluationProgress | None = None,
 ) -> None:
     """Explain one batch with every explainer (the backbone's predictions) and feed each map
     stack into that explainer's suite, under :func:`metric_precision`. ``batch`` holds ``image``
     (B, 3, H, W) in [0, 1] (batches of GPU decoding are decoded before, by
     :func:`evaluate_explainers` or the Lightning batch-transfer hook), ``index`` (B,) and, for
-    localisation, ``mask`` (B, H, W); it is moved to ``device`` (None: where the images are)."""
+    localisation, ``mask`` (B, H, W); it is moved to ``device`` (None: where the images are).
+    ``should_stop``: see :func:`stop_if_asked`; ``timings``: seconds per explainer and metric
+    are added to it; ``progress``: advanced once per explainer and per metric."""
     images = batch["image"] if device is None else batch["image"].to(device)
     with metric_precision(images.device, precision):
         for name, explainer in explainers.items():
             stop_if_asked(should_stop)
-            with timed(timings, name, images.device):
+            with tracked(progress, timings, name, images.device):
                 maps = explainer(images).float()
-            update_metrics(suites[name], images, maps, batch, should_stop, timings, f"{name}/")
+            update_metrics(suites[name], images, maps, batch, should_stop, timings, f"{name}/", progress, explainer)
 
 
 def compute_metrics(metrics: Mapping[str, Metric]) -> tuple[dict[str, float], dict[str, list[float]]]:
@@ -226,21 +296,29 @@ def evaluate_explainers(
         batches: dict batches (see :func:`evaluate_batch`).
         device: where explainers and metrics run.
         max_images: stop after this many images (None: all).
-        description: the progress bar's label.
+        description: the progress bar's label (one step per explainer and metric of a batch).
         precision: see :func:`metric_precision`.
         skipped: records the files a ``bad_images=skip`` loader left out (None: logged once each).
     """
     seen = 0
-    for batch in tqdm(batches, desc=description, leave=False):
-        batch = decode_on_device((skipped or UNOWNED).record(batch), device)
-        if batch["image"].shape[0] == 0:  # every file of the batch was skipped
-            continue
-        if max_images is not None:
-            batch = _first_images(batch, max_images - seen)
-        evaluate_batch(explainers, suites, batch, device, precision)
-        seen += batch["image"].shape[0]
-        if max_images is not None and seen >= max_images:
-            break
+    total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    if total is not None and max_images is not None:
+        batch_size = getattr(batches, "batch_size", None)
+        total = min(total, math.ceil(max_images / batch_size)) if batch_size else total
+    progress = EvaluationProgress(total, steps_per_batch(suites), description)
+    try:
+        for batch in batches:
+            batch = decode_on_device((skipped or UNOWNED).record(batch), device)
+            if batch["image"].shape[0] == 0:  # every file of the batch was skipped
+                continue
+            if max_images is not None:
+                batch = _first_images(batch, max_images - seen)
+            evaluate_batch(explainers, suites, batch, device, precision, progress=progress)
+            seen += batch["image"].shape[0]
+            if max_images is not None and seen >= max_images:
+                break
+    finally:
+        progress.close()
     return {name: compute_metrics(suite)[0] for name, suite in suites.items()}
 
 
@@ -260,21 +338,35 @@ class ExplainerEvaluation(L.LightningModule):
         settings: Mapping[str, Any],
         has_masks: bool,
         skipped_images: SkippedImages | None = None,
+        has_object_masks: bool = False,
     ) -> None:
         super().__init__()
         self.explainers = torch.nn.ModuleDict(dict(explainers))
         self.__dict__["backbone"] = backbone
         self.metric_suites = torch.nn.ModuleDict(
-            {name: torch.nn.ModuleDict(build_metrics(backbone, settings, has_masks)) for name in explainers}
+            {name: torch.nn.ModuleDict(build_metrics(backbone, settings, has_masks, has_object_masks))
+             for name in explainers}
         )
         self.precision = str(settings.get("precision", "float32"))
         self.skipped_images = skipped_images if skipped_images is not None else UNOWNED
         self.results: dict[str, dict[str, float]] = {}
         self._batch_seconds: list[float] = []
+        self._progress: EvaluationProgress | None = None
         self.curves: dict[str, dict[str, list[float]]] = {}
 
     def on_test_start(self) -> None:
         self.backbone.to(self.device)
+        self._progress = EvaluationProgress(self._test_batches(), steps_per_batch(self.metric_suites),
+                                            disable=not self.trainer.is_global_zero)
+
+    def on_test_end(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+
+    def _test_batches(self) -> float | None:
+        total = getattr(self.trainer, "num_test_batches", None)
+        return total[0] if total else None
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Record the files ``bad_images=skip`` left out; GPU decoding (``data.decode=gpu``):
@@ -288,14 +380,13 @@ class ExplainerEvaluation(L.LightningModule):
         start = time.perf_counter()
         evaluate_batch(self.explainers, self.metric_suites, batch, precision=self.precision,
                        should_stop=lambda: bool(getattr(self.trainer, "received_sigterm", False)),
-                       timings=timings)
+                       timings=timings, progress=self._progress)
         self._report_progress(batch_idx, time.perf_counter() - start, timings)
 
     def _report_progress(self, batch_idx: int, seconds: float, timings: Mapping[str, float]) -> None:
         """One log line per batch: its time per explainer and metric, and the ETA of the loop."""
         self._batch_seconds.append(seconds)
-        total = getattr(self.trainer, "num_test_batches", [None])
-        total = total[0] if total else None
+        total = self._test_batches()
         done = batch_idx + 1
         eta = ""
         if isinstance(total, (int, float)) and math.isfinite(total):

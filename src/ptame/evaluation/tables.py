@@ -21,6 +21,7 @@ from ptame.evaluation.contributions import CONTRIBUTION_PREFIX
 from ptame.io import write_json_atomic, write_text_atomic
 from ptame.metrics import metric_direction
 from ptame.metrics.base import STANDARD_ERROR_SUFFIX
+from ptame.metrics.localisation import CLASS_SPECIFIC_KEYS
 
 # Column order of the result tables (Table 1 of the paper first).
 TABLE_COLUMNS = [
@@ -339,4 +340,21 @@ def format_localisation_table(
         if strict:
             line += f"{results.get(f'{name}/pointing_game_strict', math.nan):>20.3f}"
         lines.append(line)
+    if any(f"{name}/class_pointing_game" in results for name in names):
+        lines += ["", format_class_specific_table(results, names, pointing_tolerance)]
+    return "\n".join(lines)
+
+
+def format_class_specific_table(
+    results: Mapping[str, float], names: Iterable[str], pointing_tolerance: float = 0.0
+) -> str:
+    """A plain-text table of :class:`~ptame.metrics.localisation.ClassSpecificLocalisation`: per
+    method, the pointing game and energy of each object's class on that object and on the other."""
+    tolerance = f" (< {pointing_tolerance:g} px)" if pointing_tolerance > 0 else ""
+    lines = [f"Class-specific, each object's class explained{tolerance}: on that object (high is good) "
+             "and on the other object (low is good)",
+             f"{'method':<18}{'pointing: object':>18}{'other':>8}{'energy: object':>17}{'other':>8}"]
+    for name in names:
+        values = [results.get(f"{name}/{key}", math.nan) for key in CLASS_SPECIFIC_KEYS]
+        lines.append(f"{name:<18}{values[0]:>18.3f}{values[1]:>8.3f}{values[2]:>17.3f}{values[3]:>8.3f}")
     return "\n".join(lines)

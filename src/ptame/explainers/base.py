@@ -32,6 +32,9 @@ class Explainer(nn.Module):
 
     #: the name used in configs and result tables
     name: str = "explainer"
+    #: maps come from a head trained to explain the backbone (P-TAME, T-TAME): MPRT's retrain
+    #: protocol retrains it on each randomised backbone
+    has_trained_head: bool = False
 
     def __init__(self, backbone: Backbone | None = None) -> None:
         super().__init__()

@@ -33,6 +33,7 @@ class PTAMEExplainer(Explainer):
     """
 
     name = "ptame"
+    has_trained_head = True
 
     def __init__(self, model: PTAME, map_normalisation: MapNormalisation = "sigmoid") -> None:
         super().__init__(model.backbone)
@@ -60,6 +61,7 @@ class PTAMEExplainer(Explainer):
             attention.train(was_training)
         return normalise_scores(scores[:, 0], self.map_normalisation)
 
+    @torch.no_grad()  # maps are results, not a graph: no autograd memory when called outside no_grad
     def explain(self, images: Tensor, targets: Tensor | None) -> Tensor:
         assert targets is not None  # P-TAME always has a backbone
         maps = self.low_resolution_maps(images, targets)

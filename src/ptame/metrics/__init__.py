@@ -7,12 +7,17 @@ from ptame.metrics.confidence import AverageDropIncrease
 from ptame.metrics.cost import ExplainerCost, measure_cost
 from ptame.metrics.imputation import noisy_linear_imputation
 from ptame.metrics.insertion_deletion import InsertionDeletion
-from ptame.metrics.localisation import EnergyPointingGame, PointingGame, scaled_pointing_tolerance
+from ptame.metrics.localisation import (
+    ClassSpecificLocalisation,
+    EnergyPointingGame,
+    PointingGame,
+    scaled_pointing_tolerance,
+)
 from ptame.metrics.road import ROAD, curve_auc
 
 #: every kind of figure ptame reports, each with its ``directions``
 REPORTED_FIGURES = (AverageDropIncrease, ROAD, InsertionDeletion, PointingGame, EnergyPointingGame,
-                    ExplainerCost)
+                    ClassSpecificLocalisation, ExplainerCost)
 
 
 def metric_direction(key: str) -> str | None:
@@ -29,6 +34,7 @@ __all__ = [
     "REPORTED_FIGURES",
     "ROAD",
     "AverageDropIncrease",
+    "ClassSpecificLocalisation",
     "EnergyPointingGame",
     "ExplainerCost",
     "InsertionDeletion",

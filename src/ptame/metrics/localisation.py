@@ -7,6 +7,7 @@ duplicates a DistributedSampler pads in are counted once and 1 or N processes ag
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -155,3 +156,65 @@ class EnergyPointingGame(_LocalisationMetric):
 
     def score(self, maps: Tensor, masks: Tensor) -> Tensor:
         return energy_shares(maps, masks)
+
+
+#: the figures of :class:`ClassSpecificLocalisation`, in the column order of its values
+CLASS_SPECIFIC_KEYS = ("class_pointing_game", "class_pointing_game_other",
+                       "class_energy_pointing_game", "class_energy_pointing_game_other")
+
+
+class ClassSpecificLocalisation(PerImageMetric):
+    """Localisation of class-specific maps on images with several objects of different classes.
+
+    For each object of an image, its class is explained and the map is scored against that
+    object's mask (``class_pointing_game``, ``class_energy_pointing_game``: high is good) and
+    against the union of the other objects' masks (``..._other``: low is good, a map of one
+    class should not sit on an object of another). The pointing game uses the tolerance rule of
+    :class:`PointingGame`. An image's value is the mean over its objects; figures are means over
+    images, so an image counts once whatever its number of objects.
+
+    Args:
+        tolerance: pixels (see :func:`pointing_hits`).
+    """
+
+    directions = {"class_pointing_game": "max", "class_pointing_game_other": "min",
+                  "class_energy_pointing_game": "max", "class_energy_pointing_game_other": "min"}
+
+    def __init__(self, tolerance: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.tolerance = check_pointing_tolerance(tolerance)
+
+    def update(self, explain: Callable[[Tensor], Tensor], object_labels: Tensor, object_masks: Tensor,
+               indices: Tensor) -> None:
+        """Add a batch.
+
+        Args:
+            explain: targets (B,) -> maps (B, H, W) of those classes for the batch's images.
+            object_labels: (B, K) class of each object, K >= 2.
+            object_masks: (B, K, H, W) bool mask of each object.
+            indices: (B,) dataset indices.
+        """
+        if object_labels.ndim != 2 or object_labels.shape[1] < 2 or object_masks.shape[:2] != object_labels.shape:
+            raise ValueError(f"class-specific localisation needs object_labels (B, K >= 2) and object_masks "
+                             f"(B, K, H, W), got {tuple(object_labels.shape)} and {tuple(object_masks.shape)}")
+        if object_labels.shape[0] == 0:
+            return
+        masks = object_masks.bool()
+        objects = object_labels.shape[1]
+        scores = []
+        for k in range(objects):
+            maps = explain(object_labels[:, k])
+            own = masks[:, k]
+            others = masks[:, [j for j in range(objects) if j != k]].any(dim=1)
+            scores.append(torch.stack([
+                pointing_hits(maps, own, self.tolerance), pointing_hits(maps, others, self.tolerance),
+                energy_shares(maps, own), energy_shares(maps, others)], dim=1))
+        self._record(torch.as_tensor(indices, device=maps.device).view(-1), torch.stack(scores).mean(dim=0))
+
+    def per_image_figures(self) -> dict[str, Tensor]:
+        """Each figure per image (N,), the mean over the image's objects."""
+        values = self.per_image()[1]
+        return {key: values[:, column] for column, key in enumerate(CLASS_SPECIFIC_KEYS)}
+
+    def compute(self) -> dict[str, Tensor]:
+        return {key: values.mean().float() for key, values in self.per_image_figures().items()}

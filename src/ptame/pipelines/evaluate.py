@@ -4,8 +4,9 @@ optional analyses (``analysis``: the images x methods figure and the MPRT sanity
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,11 @@ from ptame.data.bad_images import SkippedImages
 from ptame.data.gpu_decoding import decode_on_device
 from ptame.evaluation.contributions import contribution_figures, format_layer_contributions
 from ptame.evaluation.figures import explanation_grid, plot_road_curves
-from ptame.evaluation.mprt import format_mprt, plot_mprt, run_mprt
+from ptame.evaluation.mprt import Retrainer, format_mprt, plot_mprt, run_mprt
 from ptame.evaluation.suite import ExplainerEvaluation, evaluate_costs
 from ptame.evaluation.tables import markdown_table, write_tables
 from ptame.explainers.base import Explainer
+from ptame.checkpoint import read_checkpoint
 from ptame.explainers.ptame import load_explainer
 from ptame.io import write_json_atomic
 from ptame.pipelines.common import (
@@ -179,9 +181,10 @@ def run_evaluation(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, 
         explainers, backbone, OmegaConf.to_container(cfg.metrics, resolve=True),
         has_masks=bool(getattr(datamodule, "has_masks", False)),
         skipped_images=getattr(datamodule, "skipped_images", None),
+        has_object_masks=bool(getattr(datamodule, "has_object_masks", False)),
     )
     trainer: L.Trainer = instantiate(
-        cfg.trainer, logger=False, callbacks=[], inference_mode=False,
+        cfg.trainer, logger=False, callbacks=[], inference_mode=False, enable_progress_bar=False,
         enable_checkpointing=False, default_root_dir=str(run_dir),
     )
     trainer.test(module, dataloaders=loader, verbose=False)
@@ -212,10 +215,13 @@ def run_evaluation(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, 
     if contributions:
         print(format_layer_contributions(contributions))
     analysis = OmegaConf.to_container(cfg.analysis, resolve=True) if "analysis" in cfg else None
+    retrainers = None
+    if analysis and analysis.get("mprt") and (analysis.get("mprt_options") or {}).get("protocol") == "retrain":
+        retrainers = {"ptame": head_retrainer(cfg, device)}
     paths.update(run_analyses(
         analysis, run_dir, explainers, loader, device,
         lambda name: build_explainer(name, cfg, backbone),
-        getattr(datamodule, "class_names", None),
+        getattr(datamodule, "class_names", None), retrainers,
     ))
     log.info("results written to %s", ", ".join(str(p) for p in paths.values()))
     loggers = build_loggers(cfg, run_dir)  # the configured loggers receive the table and the pictures
@@ -223,6 +229,77 @@ def run_evaluation(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict[str, 
         pictures = {Path(p).stem: p for p in paths.values() if str(p).endswith(".png")}
         log_results(loggers, results, pictures)
     return results
+
+
+# the module settings a retrained head must share with the checkpoint's (its recipe)
+RECIPE_HYPERPARAMETERS = ("lr", "weight_decay", "amsgrad", "betas", "scheduler", "pct_start", "input_size",
+                          "activation", "upsampling", "map_normalisation", "seed")
+
+
+def head_retrainer(cfg: DictConfig, device: torch.device | str) -> Retrainer:
+    """MPRT's ``retrain`` protocol for the checkpoint ``cfg.ckpt_path``: a function that trains a
+    fresh P-TAME head on a randomised explainer's backbone (its auxiliary kept) with the recipe of
+    ``cfg`` (``model``, ``loss``, ``data``: the experiment the checkpoint was trained with) for
+    the checkpoint's number of optimiser steps, seeded with ``cfg.seed``, on one ``device``.
+
+    Raises:
+        ValueError: ``cfg`` is not the checkpoint's recipe (another experiment, or module
+            settings that differ from the stored ones), so the retrained head would not be
+            comparable.
+    """
+    checkpoint = read_checkpoint(cfg.ckpt_path)
+    steps = int(checkpoint.get("global_step") or 0)
+    if steps < 1:
+        raise ValueError(f"{cfg.ckpt_path} records no training steps: MPRT's retrain protocol needs the budget "
+                         "of a trained checkpoint")
+    stored = checkpoint.get("hyper_parameters") or {}
+    wanted = OmegaConf.to_container(cfg.model, resolve=True)
+    differing = [f"{key}: checkpoint {stored[key]!r}, config {wanted.get(key)!r}" for key in RECIPE_HYPERPARAMETERS
+                 if key in stored and key in wanted and _plain(stored[key]) != _plain(wanted[key])]
+    trained_with = (checkpoint.get("ptame") or {}).get("trained_with") or {}
+    experiment = trained_with.get("experiment")
+    if experiment is not None and experiment != cfg.get("run_name"):
+        differing.insert(0, f"experiment: checkpoint {experiment!r}, config {cfg.get('run_name')!r}")
+    if differing:
+        raise ValueError("MPRT protocol 'retrain' retrains with the config's recipe, which is not the one "
+                         f"{cfg.ckpt_path} was trained with ({'; '.join(differing)}): run evaluate.py with the "
+                         "checkpoint's experiment and overrides")
+    device = torch.device(device)
+
+    def retrain(randomised: Explainer) -> Explainer:
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        module = instantiate(cfg.model, backbone=randomised.backbone, auxiliary=randomised.model.auxiliary,
+                             loss=instantiate(cfg.loss))
+        with quiet_lightning_info():  # its device lines, once per block
+            trainer = L.Trainer(
+                accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=steps, max_epochs=-1,
+                precision=cfg.trainer.get("precision", "32-true"), logger=False, callbacks=[],
+                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                num_sanity_val_steps=0, limit_val_batches=0,
+                default_root_dir=str(Path(cfg.paths.output_dir) / "mprt_retrain"),
+            )
+            trainer.fit(module, datamodule=instantiate(cfg.data))
+        explainer = module.explainer()
+        explainer.name = getattr(randomised, "name", "ptame")
+        return explainer.to(device).eval()
+
+    return retrain
+
+
+@contextlib.contextmanager
+def quiet_lightning_info() -> Iterator[None]:
+    """Lightning's INFO lines (devices, stopping reason) off inside the block; warnings stay."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _plain(value: Any) -> Any:
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def first_images(batches: Iterable[Mapping[str, Tensor]], count: int) -> Tensor:
@@ -246,6 +323,7 @@ def run_analyses(
     device: torch.device | str,
     build: Callable[[str], Explainer],
     class_names: Any = None,
+    retrainers: Mapping[str, Retrainer] | None = None,
 ) -> dict[str, Path]:
     """Write the analyses switched on in ``settings`` (the ``analysis`` config) into ``run_dir``.
 
@@ -257,6 +335,8 @@ def run_analyses(
         device: where images go.
         build: builds an explainer by config name (MPRT explainers not evaluated).
         class_names: the dataset's class names (row titles), or None.
+        retrainers: name -> head retraining of MPRT's ``retrain`` protocol
+            (:func:`head_retrainer`).
 
     Returns:
         name -> written path.
@@ -279,7 +359,7 @@ def run_analyses(
         names = list(options.get("explainers") or ["ptame"])
         chosen = {name: explainers[name] if name in explainers else build(name).to(device)
                   for name in names}
-        results = run_mprt(chosen, images[:mprt_count], options)
+        results = run_mprt(chosen, images[:mprt_count], options, retrainers)
         summary = {"settings": {key: value for key, value in options.items() if key != "explainers"},
                    **{name: result.as_dict() for name, result in results.items()}}
         paths["mprt_json"] = write_json_atomic(run_dir / "mprt.json", summary)

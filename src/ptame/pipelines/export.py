@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,9 @@ def verify_export(path: Path, reference: ExportedExplainer, format: str, batch: 
     with torch.no_grad():
         expected = reference(*inputs).numpy()
         if format == "torchscript":
-            got = torch.jit.load(str(path))(*inputs).numpy()
+            with warnings.catch_warnings():  # torch's notice that its TorchScript loader is deprecated
+                warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.jit\.")
+                got = torch.jit.load(str(path))(*inputs).numpy()
         else:
             import onnxruntime
 

@@ -24,6 +24,7 @@ from ptame.evaluation.figures import overlay_grid
 from ptame.evaluation.suite import build_metrics, evaluate_explainers
 from ptame.evaluation.tables import format_localisation_table
 from ptame.explainers.baselines import CentreGaussianExplainer, RandomExplainer
+from ptame.explainers.cam import CAMExplainer
 from ptame.io import write_json_atomic
 from ptame.metrics.localisation import check_pointing_tolerance
 from ptame.module import PTAMEModule
@@ -92,13 +93,18 @@ def check_final_evaluation_settings(cfg: DictConfig) -> None:
         raise ValueError(f"final_evaluation.pointing_tolerance: {error}") from None
 
 
-def _final_explainers(cfg: DictConfig, module: PTAMEModule) -> dict[str, Any]:
-    """P-TAME and the two reference maps of the final evaluation and the overlay grid."""
-    return {
+def _final_explainers(cfg: DictConfig, module: PTAMEModule, class_specific: bool = False) -> dict[str, Any]:
+    """P-TAME and the two reference maps of the final evaluation and the overlay grid, plus
+    Grad-CAM (the class-specific reference) when ``class_specific`` (data with several objects
+    per test image)."""
+    explainers = {
         "ptame": module.explainer(),
         "random": RandomExplainer(module.ptame.backbone, seed=int(cfg.seed)),
         "centre_gaussian": CentreGaussianExplainer(module.ptame.backbone),
     }
+    if class_specific:
+        explainers["gradcam"] = CAMExplainer(module.ptame.backbone, method="gradcam").to(module.device)
+    return explainers
 
 
 def check_training_length(cfg: DictConfig) -> None:
@@ -115,20 +121,26 @@ def check_training_length(cfg: DictConfig) -> None:
 
 def run_final_evaluation(cfg: DictConfig, module: PTAMEModule, datamodule: Any) -> dict[str, float]:
     """After training: localisation against ground-truth masks (when the data has them) for
-    P-TAME, a random map and a centre Gaussian, printed as a table; ``{}`` without masks."""
+    P-TAME, a random map and a centre Gaussian, printed as a table; ``{}`` without masks. On data
+    with several objects per test image (``data=generated_pairs``) also Grad-CAM, the
+    class-specific localisation of each (``<method>/class_pointing_game[_other]``,
+    ``<method>/class_energy_pointing_game[_other]``) and the backbone's check on those images
+    (``backbone/top2_both_objects``)."""
     settings = cfg.get("final_evaluation") or {}
     device = module.device
     module.eval()
     datamodule.setup("test")
     if not getattr(datamodule, "has_masks", False):
         return {}
-    explainers = _final_explainers(cfg, module)
+    class_specific = bool(getattr(datamodule, "has_object_masks", False))
+    explainers = _final_explainers(cfg, module, class_specific)
     tolerance = float(settings.get("pointing_tolerance") or 0.0)
     localisation = {"localisation": True, "pointing_tolerance": tolerance}
     # one process sees every image here (e.g. rank 0 after DDP training): never sync
     suites = {
         name: {key: metric.to(device) for key, metric in build_metrics(
-            module.ptame.backbone, localisation, has_masks=True, sync_on_compute=False).items()}
+            module.ptame.backbone, localisation, has_masks=True, has_object_masks=class_specific,
+            sync_on_compute=False).items()}
         for name in explainers
     }
     figures = evaluate_explainers(explainers, suites, datamodule.test_dataloader(), device,
@@ -138,7 +150,29 @@ def run_final_evaluation(cfg: DictConfig, module: PTAMEModule, datamodule: Any) 
     results["pointing_tolerance_px"] = tolerance
     table = format_localisation_table(results, explainers, tolerance)
     print(f"\nLocalisation on held-out images (explaining the backbone's prediction):\n{table}\n")
+    if class_specific:
+        results["backbone/top2_both_objects"] = both_objects_in_top2(
+            module.ptame.backbone, datamodule.test_dataloader(), device, settings.get("max_images"))
+        print(f"backbone: both objects' classes are its top 2 on {results['backbone/top2_both_objects']:.1%} "
+              "of the two-object test images\n")
     return results
+
+
+@torch.no_grad()
+def both_objects_in_top2(backbone: Any, loader: Any, device: torch.device, max_images: int | None = None) -> float:
+    """Share of two-object images (batches with ``object_labels`` (B, 2)) whose two classes are
+    the backbone's two highest logits: it sees both objects, so explaining either class is
+    meaningful."""
+    hits, seen = 0, 0
+    for batch in loader:
+        batch = decode_on_device(batch, device)
+        take = batch["image"].shape[0] if max_images is None else min(batch["image"].shape[0], int(max_images) - seen)
+        top2 = backbone(batch["image"][:take].to(device)).topk(2, dim=1).indices.sort(dim=1).values
+        hits += int((top2 == batch["object_labels"][:take].to(device).sort(dim=1).values).all(dim=1).sum())
+        seen += take
+        if max_images is not None and seen >= int(max_images):
+            break
+    return hits / max(seen, 1)
 
 
 def class_title(names: Sequence[str] | None, label: int) -> str:
