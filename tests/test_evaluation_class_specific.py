@@ -49,9 +49,10 @@ def retrain_mprt(tmp_path_factory, cache_dir):
 def test_retrained_heads_explain_a_randomised_backbone_with_blank_maps(retrain_mprt):
     ptame, sobel = retrain_mprt["ptame"], retrain_mprt["sobel"]
     assert ptame["protocol"] == "retrain" and len(ptame["retrain_seconds"]) == 6
-    # nothing to keep for a random model: the maps go blank, and score what an all-zero map scores
-    assert max(ptame["map_mean"]["randomised"]) < 0.25 * ptame["reference_map_mean"]
-    assert ptame["ssim"]["randomised"] == pytest.approx([ptame["blank_map_ssim"]] * 6, abs=0.05)
+    # nothing to keep for a model random from layer1 on: the maps go blank, and score what an
+    # all-zero map scores (after the stem alone they are not blank yet: README)
+    assert max(ptame["map_mean"]["randomised"][1:]) < 0.25 * ptame["reference_map_mean"]
+    assert ptame["ssim"]["randomised"][1:] == pytest.approx([ptame["blank_map_ssim"]] * 5, abs=0.05)
     assert sobel["passes"] == {"original": False, "randomised": False}  # the control still fails
 
 
