@@ -443,3 +443,13 @@ def test_pair_items_carry_their_objects_and_round_trip_the_cache(tmp_path, pair_
     batch = next(iter(module.test_dataloader()))
     assert batch["object_masks"].shape == (200, 2, 64, 64)
     assert not GeneratedShapesDataModule(str(tmp_path), num_train=64, batch_size=16).has_object_masks
+
+
+def test_pairs_that_cannot_fit_are_refused_with_the_fix():
+    spec = GeneratedShapesSpec(num_train=0, num_val=0, num_test=4, min_radius=0.4, max_radius=0.4,
+                               objects_per_image=2)
+    with pytest.raises(ValueError, match="could not place two objects apart in 64 px images with max_radius=0.4"):
+        generate_split(spec, "test")
+    small = generate_split(GeneratedShapesSpec(image_size=32, num_train=0, num_val=0, num_test=50,
+                                               objects_per_image=2), "test")
+    assert not (small.object_masks[:, 0] & small.object_masks[:, 1]).any()
