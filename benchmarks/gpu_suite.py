@@ -130,8 +130,9 @@ def main() -> None:
     step("train-step", [python, "benchmarks/train_step.py", "--check-syncs", "--device", args.device, *profile], 240,
          r"^\s+\d+\s+(batch|random)", r"device=", r"synchronisation")
     step("imputation", [python, "benchmarks/imputation.py", "--device", args.device, "--images", "16",
-                        "--images-per-call", "8", "--scipy-images", "0", "--repeats", "3", *profile], 180,
-         r"ptame", r"images .* RGB")
+                        "--images-per-call", "8", "--scipy-images", "0", "--repeats", "3", "--cuda-graphs",
+                        *profile], 180,
+         r"ptame", r"images .* RGB", r"CUDA graphs")
     step("evaluation", [python, "benchmarks/evaluation.py", "--device", args.device], 300,
          r"P-TAME explanation|ROAD \(|faithfulness|Table 1|float32|bf16|device=")
     from synthetic_imagefolder import make_imagefolder

@@ -17,7 +17,7 @@ Goal: >= 10x faster than the per-channel reference on CPU, max |difference| <= 1
 one thread by default, like scipy's solver (``--threads 0`` keeps torch's default).
 
     .venv/bin/python benchmarks/imputation.py [--device cpu|cuda] [--images 4] [--size 224]
-        [--threads 1] [--images-per-call 1] [--profile]
+        [--threads 1] [--images-per-call 1] [--profile] [--cuda-graphs]
 """
 
 from __future__ import annotations
@@ -136,6 +136,8 @@ def main() -> None:
                         help="images also solved by scipy (default: all; the speed-ups use them)")
     parser.add_argument("--repeats", type=int, default=1, help="timed ptame calls per group (median)")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of the first call")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="on CUDA, also time every call with cuda_graphs=True (A/B in the same run)")
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -146,7 +148,12 @@ def main() -> None:
 
     warm = images[:1].expand(2, -1, -1, -1).to(device)
     noisy_linear_imputation(warm, masks[0, :2].to(device), noise_std=0.0)
+    graphs = args.cuda_graphs and device.type == "cuda"
+    if graphs:
+        noisy_linear_imputation(warm, masks[0, :2].to(device), noise_std=0.0, cuda_graphs=True)
     synchronise(device)
+    graph_calls: list[float] = []
+    graph_difference = 0.0
     times = {"scipy per channel": [], "scipy multi-RHS": [], "ptame": []}
     calls = []
     max_difference = 0.0
@@ -166,6 +173,16 @@ def main() -> None:
             synchronise(device)
             durations.append(time.perf_counter() - start)
         calls.append((statistics.median(durations), batch.shape[0]))
+        if graphs:  # the same call replaying captured CUDA graphs, interleaved with the eager one
+            graph_durations = []
+            for _ in range(max(1, args.repeats)):
+                synchronise(device)
+                start = time.perf_counter()
+                replayed = noisy_linear_imputation(batch, keep, noise_std=0.0, cuda_graphs=True)
+                synchronise(device)
+                graph_durations.append(time.perf_counter() - start)
+            graph_calls.append(statistics.median(graph_durations))
+            graph_difference = max(graph_difference, float((replayed - ours).abs().max()))
         times["ptame"] += [calls[-1][0] / count] * count
         ours = ours.double().cpu().numpy().reshape(count, masks.shape[1], *ours.shape[1:])
         for index, imputed in zip(group.tolist(), ours):
@@ -190,6 +207,11 @@ def main() -> None:
     per_imputation = sum(seconds for seconds, _ in calls) / sum(count for _, count in calls)
     print(f"  ptame: {statistics.mean(s for s, _ in calls) * 1000:.1f} ms per call of "
           f"{calls[0][1]} imputations, {per_imputation * 1000:.3f} ms per imputation")
+    if graph_calls:
+        per_graph = sum(graph_calls) / sum(count for _, count in calls)
+        print(f"  ptame with CUDA graphs: {per_graph * 1000:.3f} ms per imputation "
+              f"({per_imputation / per_graph:.2f}x the eager speed); max |difference| from eager "
+              f"{graph_difference:.2e}")
     ours_time = statistics.mean(times["ptame"][:scipy_images]) if scipy_images else None
     for name in ("scipy per channel", "scipy multi-RHS"):
         if times[name] and ours_time:

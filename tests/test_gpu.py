@@ -51,6 +51,21 @@ def test_imputation_on_cuda_matches_the_cpu_within_the_guaranteed_bound():
     assert (gpu - cpu).abs().max() <= 2 * ATOL
 
 
+def test_imputation_replayed_from_cuda_graphs_gives_the_eager_values():
+    """cuda_graphs=True captures one CG iteration and replays it between checks (recapturing when
+    rows retire): the same kernels on the same buffers, so the eager solver's values."""
+    generator = torch.Generator().manual_seed(5)
+    images = torch.rand(28, 3, 224, 224, generator=generator).cuda()
+    keep = (torch.rand(28, 224, 224, generator=generator) > torch.linspace(0.05, 0.95, 28).view(-1, 1, 1)).cuda()
+    keep[0] = False
+    keep[0, 0, 0] = keep[0, -1, -1] = True  # near-singular: iterates longest, after the others retired
+    eager = noisy_linear_imputation(images, keep, noise_std=0.0)
+    replayed = noisy_linear_imputation(images, keep, noise_std=0.0, cuda_graphs=True)
+    again = noisy_linear_imputation(images, keep, noise_std=0.0, cuda_graphs=True)
+    assert torch.equal(replayed, again)
+    assert float((replayed - eager).abs().max()) <= 1e-6
+
+
 def test_road_and_ad_ic_give_the_cpus_figures_on_the_gpu_in_float32():
     torch.manual_seed(2)
     backbone = torchvision_backbone("resnet18", num_classes=10)

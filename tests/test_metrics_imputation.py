@@ -341,3 +341,61 @@ def test_host_reads_do_not_grow_with_images_or_iterations(monkeypatch):
     names = [event.name for event in profile.events()]
     reads = names.count("aten::_local_scalar_dense") + names.count("aten::nonzero") + calls["tolist"]
     assert 0 < reads <= 10, (reads, calls, names.count("aten::_local_scalar_dense"), names.count("aten::nonzero"))
+
+
+def test_the_cuda_graph_schedule_replays_exactly_the_eager_iterations(monkeypatch):
+    """The CUDA-graph path's control flow, on CPU with stand-ins for torch.cuda: a capture records
+    one CG step without running it and a replay runs it. Recaptures follow every state change
+    (torsion channel dropped, rows retired), and the values are the eager solver's, bit for bit.
+    (The real graphs are checked against the eager solver in tests/test_gpu.py.)"""
+    import contextlib
+
+    from ptame.metrics.imputation import noisy_linear as solver
+
+    recorded = {"captures": 0, "replays": 0, "capturing": False}
+    original_step = solver._CG._step
+
+    def step(self):
+        if recorded["capturing"]:
+            recorded["graph"].work = self  # recorded, not run
+            return
+        original_step(self)
+
+    class Graph:
+        def replay(self):
+            recorded["replays"] += 1
+            original_step(self.work)
+
+    @contextlib.contextmanager
+    def capture(graph, stream=None):
+        recorded["captures"] += 1
+        recorded["capturing"], recorded["graph"] = True, graph
+        yield
+        recorded["capturing"] = False
+
+    class Stream:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(solver._CG, "_step", step)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    generator = torch.Generator().manual_seed(3)
+    images = torch.rand(6, 3, 48, 48, generator=generator)
+    keep = torch.rand(6, 48, 48, generator=generator) > torch.linspace(0.1, 0.9, 6).view(-1, 1, 1)
+    keep[0] = False
+    keep[0, 0, 0] = keep[0, -1, -1] = True  # near-singular: iterates after the others retired
+    eager = solver._linear_imputation(images, keep)
+    assert recorded["captures"] == recorded["replays"] == 0
+    replayed = solver._linear_imputation(images, keep, cuda_graphs=True)
+    assert torch.equal(replayed, eager)
+    assert recorded["captures"] >= 2 and recorded["replays"] > recorded["captures"]
+    # on CPU the public function ignores the option
+    assert torch.equal(noisy_linear_imputation(images, keep, noise_std=0.0, cuda_graphs=True),
+                       noisy_linear_imputation(images, keep, noise_std=0.0))

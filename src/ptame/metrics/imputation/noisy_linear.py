@@ -86,6 +86,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -122,6 +123,7 @@ def noisy_linear_imputation(
     keep: Tensor,
     noise_std: float = 0.01,
     generator: torch.Generator | None = None,
+    cuda_graphs: bool = False,
 ) -> Tensor:
     """Impute the removed pixels of each image by ROAD's noisy linear imputation.
 
@@ -143,6 +145,9 @@ def noisy_linear_imputation(
             0 returns the exact (noise-free) imputation.
         generator: ``torch.Generator`` on the images' device seeding the noise; the global RNG when
             None. Unused when ``noise_std`` is 0.
+        cuda_graphs: on CUDA, replay each CG iteration between two checks from a captured CUDA
+            graph (the iteration is hundreds of small kernels, launch-bound; see :class:`_CG`).
+            Opt-in until measured on a GPU; the same kernels, so the same values. Ignored on CPU.
 
     Returns:
         (B, C, H, W) imputed images, same device and dtype as ``images``; kept pixels are bit-exact
@@ -155,7 +160,7 @@ def noisy_linear_imputation(
     _validate(images, keep, noise_std, generator)
     if images.numel() == 0:
         return images.clone()
-    imputed = _linear_imputation(images, keep)
+    imputed = _linear_imputation(images, keep, cuda_graphs and images.device.type == "cuda")
     work_dtype = images.dtype if images.dtype in (torch.float32, torch.float64) else torch.float32
     imputed = imputed.to(work_dtype)
     if noise_std > 0:
@@ -197,8 +202,9 @@ def _validate(
 # --------------------------------------------------------------------------------------------
 
 
-def _linear_imputation(images: Tensor, keep: Tensor) -> Tensor:
-    """(B, C, H, W) float64: kept pixels copied, removed pixels solved to within :data:`ATOL`."""
+def _linear_imputation(images: Tensor, keep: Tensor, cuda_graphs: bool = False) -> Tensor:
+    """(B, C, H, W) float64: kept pixels copied, removed pixels solved to within :data:`ATOL`
+    (``cuda_graphs``: see :func:`noisy_linear_imputation`)."""
     batch, channels, height, width = images.shape
     removed = ~keep
     counts = removed.flatten(1).sum(dim=1)
@@ -227,12 +233,14 @@ def _linear_imputation(images: Tensor, keep: Tensor) -> Tensor:
                slice(min(plan[i][3] for i in range(start, stop)), max(plan[i][4] for i in range(start, stop)) + 1))
         index = order[start:stop]
         # each chunk reads and writes only its own images' boxes: no full-image reordering copies
-        values[(slice(None), slice(None), *box)].index_copy_(0, index, _solve_chunk(values, removed, index, box, work))
+        solved = _solve_chunk(values, removed, index, box, work, cuda_graphs)
+        values[(slice(None), slice(None), *box)].index_copy_(0, index, solved)
     return values
 
 
 def _solve_chunk(
-    values: Tensor, removed: Tensor, index: Tensor, box: tuple[slice, slice], work: "_Workspace"
+    values: Tensor, removed: Tensor, index: Tensor, box: tuple[slice, slice], work: "_Workspace",
+    cuda_graphs: bool = False,
 ) -> Tensor:
     """Solve the systems of images ``index`` (n,) of values (B, C, H, W) float64 and removed
     (B, H, W) bool, each with some pixels kept and every removed pixel inside ``box`` (rows,
@@ -243,7 +251,7 @@ def _solve_chunk(
     geometry = _neighbour_sum(_pad(ones))[(..., *box)]  # 12 x (sum of in-image weights) + 4
     fine = _FineLevel.build(crop_removed, geometry)
     levels, inverse = _build_hierarchy(fine, work)
-    solver = _CG(levels, inverse, values.shape[1], work)
+    solver = _CG(levels, inverse, values.shape[1], work, cuda_graphs)
     _right_hand_side(values, removed, index, box, solver.rhs[:, 1:], work)
     solution = solver.solve()
     return torch.where(crop_removed[:, None], solution, values[crop].index_select(0, index))
@@ -288,6 +296,8 @@ class _Workspace:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._buffers: dict[tuple[str, torch.dtype], Tensor] = {}
+        #: bumped whenever a buffer is (re)allocated: a captured CUDA graph holds the old addresses
+        self.generation = 0
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
         numel = math.prod(shape)
@@ -295,6 +305,7 @@ class _Workspace:
         if buffer is None or buffer.numel() < numel:
             buffer = torch.empty(numel, dtype=dtype, device=self.device)
             self._buffers[(name, dtype)] = buffer
+            self.generation += 1
         return buffer[:numel].view(shape)
 
 
@@ -749,9 +760,15 @@ class _CG:
 
     _STATE = ("rhs", "x", "delta", "residual", "direction")
 
-    def __init__(self, levels: list[_Level], inverse: Tensor, channels: int, work: _Workspace):
-        """Fill ``rhs[:, 1:]`` (padded, float64, zero) with b, then call :meth:`solve`."""
+    def __init__(self, levels: list[_Level], inverse: Tensor, channels: int, work: _Workspace,
+                 cuda_graphs: bool = False):
+        """Fill ``rhs[:, 1:]`` (padded, float64, zero) with b, then call :meth:`solve`.
+        ``cuda_graphs``: replay :meth:`_step` from a captured CUDA graph (:meth:`_advance`)."""
         self.levels, self.inverse, self.work = levels, inverse, work
+        self.cuda_graphs = cuda_graphs
+        self.version = 0  # bumped when the state's tensors change (retired rows, torsion dropped)
+        self._graph: Any = None
+        self._graph_key: tuple[int, int] | None = None
         mask = levels[0].mask
         n, shape = mask.shape[0], (mask.shape[0], channels + 1, *mask.shape[2:])
         self.index = list(range(n))  # row -> image of the chunk
@@ -760,8 +777,9 @@ class _CG:
         self.x = work.get("x", shape, torch.float64).zero_()
         self.delta = work.get("delta", shape).zero_()  # float32 increments since last check
         self.residual = work.get("residual", shape)
-        self.direction = work.get("direction", shape)
-        self.rz: Tensor | None = None
+        self.direction = work.get("direction", shape).zero_()
+        # r.z of the previous iteration; inf restarts CG (beta = 0): the first step, refreshes
+        self.rz = torch.full(shape[:2], math.inf, dtype=torch.float32, device=mask.device)
         self.torsion = True
         self.kappa = torch.full((n,), math.inf, dtype=torch.float64, device=mask.device)
         self.checked = torch.full_like(self.kappa, math.inf)  # float64 max-norm residual
@@ -779,7 +797,7 @@ class _CG:
         self.reference = self.last_recursive = self.checked
         due, previous = CHECK_ITERATIONS[0], 0
         for iteration in range(1, MAX_ITERATIONS + 1):
-            self._step()
+            self._advance()
             if iteration == due or iteration == MAX_ITERATIONS:
                 done, needed = self._check(iteration - previous)
                 if done:
@@ -792,16 +810,39 @@ class _CG:
             f"{len(self.index)} image(s); error bound {worst:.3g} > {ATOL:g}"
         )
 
+    def _advance(self) -> None:
+        """One PCG iteration: :meth:`_step`, or with ``cuda_graphs`` a replay of it. A graph is
+        captured (after one eager warm-up step on the capture stream) for the state's current
+        tensors, and again whenever they change: rows retired, the torsion channel dropped, or a
+        workspace buffer reallocated. Every tensor the step writes is a persistent buffer, so the
+        replay is the step."""
+        if not self.cuda_graphs:
+            self._step()
+            return
+        key = (self.version, self.work.generation)
+        if self._graph is not None and self._graph_key == key:
+            self._graph.replay()
+            return
+        self._graph = None  # release the old graph's memory pool before capturing anew
+        stream = torch.cuda.Stream(device=self.rz.device)
+        stream.wait_stream(torch.cuda.current_stream(self.rz.device))
+        with torch.cuda.stream(stream):
+            self._step()  # this iteration, eagerly: warms up the libraries on the capture stream
+        torch.cuda.current_stream(self.rz.device).wait_stream(stream)
+        if (self.version, self.work.generation) != key:  # the warm-up grew a buffer: capture next time
+            return
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            self._step()  # recorded, not run
+        self._graph, self._graph_key = graph, key
+
     def _step(self) -> None:
-        """One PCG iteration."""
+        """One PCG iteration (into persistent buffers only: capturable as a CUDA graph)."""
         shape, work = self.residual.shape, self.work
         z = _vcycle(self.levels, self.inverse, self.residual, work.get("z", shape), work)
         rz = _dot(self.residual, z, work)
-        if self.rz is None:
-            self.direction.copy_(z)
-        else:
-            torch.addcmul(z, self.direction, _ratio(rz, self.rz), out=self.direction)
-        self.rz = rz
+        torch.addcmul(z, self.direction, _ratio(rz, self.rz), out=self.direction)
+        self.rz.copy_(rz)
         product = self.levels[0].apply(self.direction, z, work)
         alpha = _ratio(rz, _dot(self.direction, product, work))
         self.delta.addcmul_(self.direction, alpha)
@@ -836,8 +877,8 @@ class _CG:
         refresh = stalled | predicted | (recursive <= _REPLACE_FACTOR * self.reference)
         exact32 = self.work.get("exact32", exact.shape).copy_(exact)
         torch.where(refresh.view(-1, 1, 1, 1), exact32, self.residual, out=self.residual)
-        if self.rz is not None:  # beta = 0 on the next step: a fresh CG from the substituted residual
-            self.rz = torch.where(refresh.view(-1, 1), math.inf, self.rz)
+        # beta = 0 on the next step: a fresh CG from the substituted residual
+        self.rz.masked_fill_(refresh.view(-1, 1), math.inf)
         self.reference = torch.where(refresh, self.checked, self.reference)
         self.last_recursive = torch.where(refresh, self.checked, recursive)
         certified = torch.isfinite(self.kappa).all().view(1)
@@ -849,9 +890,9 @@ class _CG:
         if self.torsion and all_certified:  # drop the torsion channel: views of channels 1..
             for name in self._STATE:
                 setattr(self, name, getattr(self, name)[:, 1:])
-            if self.rz is not None:
-                self.rz = self.rz[:, 1:]
+            self.rz = self.rz[:, 1:]
             self.torsion = False
+            self.version += 1
         if any(finished):
             self._retire(finished)
         return False, max(needed, 1)
@@ -882,8 +923,8 @@ class _CG:
         self.reference = self.reference[device_keep]
         self.levels = [level.select(device_keep) for level in self.levels]
         self.inverse = self.inverse[device_keep]
-        if self.rz is not None:
-            self.rz = self.rz[device_keep]
+        self.rz = self.rz[device_keep]
+        self.version += 1
         for name in self._STATE:  # rows keep[i] -> i, in place (keep is increasing: no overlap issue)
             state = getattr(self, name)
             state[: len(keep)] = state[device_keep]
