@@ -481,43 +481,44 @@ def _contrasting_colours(gen: torch.Generator, under: Tensor, min_contrast: floa
     return torch.where(too_close, pushed, colour)
 
 
+def _paint_object(gen: torch.Generator, spec: GeneratedShapesSpec, image: Tensor, masks: Tensor) -> Tensor:
+    """``image`` (n, 3, S, S) with the pixels of ``masks`` (n, S, S) in one random colour per
+    image that contrasts with the mean background colour under the object."""
+    area = masks.sum(dim=(1, 2)).clamp_min(1).float()
+    under = (image * masks[:, None]).sum(dim=(2, 3)) / area[:, None]  # (n, 3)
+    colour = _contrasting_colours(gen, under, spec.min_contrast)
+    return torch.where(masks[:, None], colour[:, :, None, None], image)
+
+
+def _noisy_uint8(gen: torch.Generator, spec: GeneratedShapesSpec, image: Tensor) -> Tensor:
+    """``image`` float (n, 3, S, S) plus uniform pixel noise of standard deviation ``noise_std``
+    (cheaper than Gaussian), clamped and rounded to uint8."""
+    noise = torch.rand(image.shape, generator=gen).sub_(0.5).mul_(spec.noise_std * math.sqrt(12))
+    return (image.add_(noise).clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+
+
 def _generate_chunk(gen: torch.Generator, spec: GeneratedShapesSpec,
                     labels: Tensor) -> tuple[Tensor, Tensor]:
     """Images uint8 (n, 3, S, S) and masks bool (n, S, S) for the given labels (n,)."""
     n, s = labels.shape[0], spec.image_size
     image = _background(gen, spec, n)
     geometry = _place_objects(gen, spec, n)
-    u, v = _object_coordinates(geometry, s)
-    masks = _shape_masks(labels, u, v)
-    area = masks.sum(dim=(1, 2)).clamp_min(1).float()
-    under = (image * masks[:, None]).sum(dim=(2, 3)) / area[:, None]  # (n, 3)
-    colour = _contrasting_colours(gen, under, spec.min_contrast)
-    image = torch.where(masks[:, None], colour[:, :, None, None], image)
-    # Uniform pixel noise with standard deviation noise_std (cheaper than Gaussian).
-    noise = torch.rand(image.shape, generator=gen).sub_(0.5).mul_(spec.noise_std * math.sqrt(12))
-    image = image.add_(noise)
-    images = (image.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
-    return images, masks
+    masks = _shape_masks(labels, *_object_coordinates(geometry, s))
+    return _noisy_uint8(gen, spec, _paint_object(gen, spec, image, masks)), masks
 
 
 def _generate_pair_chunk(gen: torch.Generator, spec: GeneratedShapesSpec,
                          labels: Tensor) -> tuple[Tensor, Tensor]:
     """Images uint8 (n, 3, S, S) and object masks bool (n, 2, S, S) for object labels (n, 2):
-    each object painted as in :func:`_generate_chunk`, with a colour contrasting with the
-    background under it."""
+    each object painted as in :func:`_generate_chunk`."""
     n, s = labels.shape[0], spec.image_size
     image = _background(gen, spec, n)
     geometry = _place_pairs(gen, spec, n)
     masks = torch.stack([_shape_masks(labels[:, k], *_object_coordinates(geometry[:, k], s))
                          for k in range(2)], dim=1)
     for k in range(2):
-        area = masks[:, k].sum(dim=(1, 2)).clamp_min(1).float()
-        under = (image * masks[:, k, None]).sum(dim=(2, 3)) / area[:, None]
-        colour = _contrasting_colours(gen, under, spec.min_contrast)
-        image = torch.where(masks[:, k, None], colour[:, :, None, None], image)
-    noise = torch.rand(image.shape, generator=gen).sub_(0.5).mul_(spec.noise_std * math.sqrt(12))
-    images = (image.add_(noise).clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
-    return images, masks
+        image = _paint_object(gen, spec, image, masks[:, k])
+    return _noisy_uint8(gen, spec, image), masks
 
 
 def _generate_pair_split(spec: GeneratedShapesSpec, n: int, gen: torch.Generator) -> SplitData:

@@ -138,9 +138,14 @@ def correct_predictions(logits: Tensor, split: SplitData, index: Tensor) -> Tens
     are the K objects' classes."""
     if split.object_labels is None:
         return logits.argmax(1) == split.labels[index]
-    objects = split.object_labels[index]
-    top = logits.topk(objects.shape[1], dim=1).indices.sort(dim=1).values
-    return (top == objects.sort(dim=1).values).all(dim=1)
+    return objects_are_top_classes(logits, split.object_labels[index])
+
+
+def objects_are_top_classes(logits: Tensor, object_labels: Tensor) -> Tensor:
+    """(B,) bool: the K highest logits (B, C) are the classes of the K objects, object_labels
+    (B, K) (the classifier sees every object of the image)."""
+    top = logits.topk(object_labels.shape[1], dim=1).indices.sort(dim=1).values
+    return (top == object_labels.to(top.device).sort(dim=1).values).all(dim=1)
 
 
 def training_targets(split: SplitData, index: Tensor, num_classes: int) -> Tensor:

@@ -4,8 +4,10 @@ search path (so configs are found wherever the application's ``conf/`` lives).""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +121,24 @@ def build_networks(cfg: DictConfig) -> tuple[Backbone, AuxiliaryFeatureExtractor
     else:
         auxiliary = instantiate(cfg.auxiliary)
     return backbone, auxiliary
+
+
+def build_ptame_module(cfg: DictConfig, backbone: Backbone, auxiliary: AuxiliaryFeatureExtractor) -> Any:
+    """A fresh :class:`~ptame.module.PTAMEModule` (untrained head) for ``backbone`` and
+    ``auxiliary`` with the recipe of ``cfg.model`` and ``cfg.loss``."""
+    return instantiate(cfg.model, backbone=backbone, auxiliary=auxiliary, loss=instantiate(cfg.loss))
+
+
+@contextlib.contextmanager
+def quiet_lightning_info() -> Iterator[None]:
+    """Lightning's INFO lines (devices, stopping reason) off inside the block; warnings stay."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _initialised_hydra() -> Any:

@@ -4,9 +4,8 @@ optional analyses (``analysis``: the images x methods figure and the MPRT sanity
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from ptame.checkpoint import read_checkpoint
 from ptame.data.bad_images import SkippedImages
 from ptame.data.gpu_decoding import decode_on_device
 from ptame.evaluation.contributions import contribution_figures, format_layer_contributions
@@ -25,16 +25,17 @@ from ptame.evaluation.mprt import Retrainer, format_mprt, plot_mprt, run_mprt
 from ptame.evaluation.suite import ExplainerEvaluation, evaluate_costs
 from ptame.evaluation.tables import markdown_table, write_tables
 from ptame.explainers.base import Explainer
-from ptame.checkpoint import read_checkpoint
 from ptame.explainers.ptame import load_explainer
 from ptame.io import write_json_atomic
 from ptame.pipelines.common import (
     back_on_device,
     build_loggers,
+    build_ptame_module,
     configure_torch,
     group_option,
     group_options,
     log_results,
+    quiet_lightning_info,
 )
 
 log = logging.getLogger(__name__)
@@ -259,7 +260,8 @@ def head_retrainer(cfg: DictConfig, device: torch.device | str) -> Retrainer:
     trained_with = (checkpoint.get("ptame") or {}).get("trained_with") or {}
     experiment = trained_with.get("experiment")
     if experiment is not None and experiment != cfg.get("run_name"):
-        differing.insert(0, f"experiment: checkpoint {experiment!r}, config {cfg.get('run_name')!r}")
+        differing.insert(0, f"run_name (the experiment unless overridden): checkpoint {experiment!r}, "
+                            f"config {cfg.get('run_name')!r}")
     if differing:
         raise ValueError("MPRT protocol 'retrain' retrains with the config's recipe, which is not the one "
                          f"{cfg.ckpt_path} was trained with ({'; '.join(differing)}): run evaluate.py with the "
@@ -268,8 +270,7 @@ def head_retrainer(cfg: DictConfig, device: torch.device | str) -> Retrainer:
 
     def retrain(randomised: Explainer) -> Explainer:
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-        module = instantiate(cfg.model, backbone=randomised.backbone, auxiliary=randomised.model.auxiliary,
-                             loss=instantiate(cfg.loss))
+        module = build_ptame_module(cfg, randomised.backbone, randomised.model.auxiliary)
         with quiet_lightning_info():  # its device lines, once per block
             trainer = L.Trainer(
                 accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=steps, max_epochs=-1,
@@ -284,18 +285,6 @@ def head_retrainer(cfg: DictConfig, device: torch.device | str) -> Retrainer:
         return explainer.to(device).eval()
 
     return retrain
-
-
-@contextlib.contextmanager
-def quiet_lightning_info() -> Iterator[None]:
-    """Lightning's INFO lines (devices, stopping reason) off inside the block; warnings stay."""
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _plain(value: Any) -> Any:

@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from ptame.checkpoint import read_checkpoint
+from ptame.data.generated_classifiers import objects_are_top_classes
 from ptame.data.gpu_decoding import decode_on_device
 from ptame.evaluation.figures import overlay_grid
 from ptame.evaluation.suite import build_metrics, evaluate_explainers
@@ -28,7 +29,13 @@ from ptame.explainers.cam import CAMExplainer
 from ptame.io import write_json_atomic
 from ptame.metrics.localisation import check_pointing_tolerance
 from ptame.module import PTAMEModule
-from ptame.pipelines.common import back_on_device, build_loggers, build_networks, configure_torch
+from ptame.pipelines.common import (
+    back_on_device,
+    build_loggers,
+    build_networks,
+    build_ptame_module,
+    configure_torch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +44,7 @@ def build_module(cfg: DictConfig) -> tuple[PTAMEModule, Any]:
     """Instantiate data, frozen networks, loss and the LightningModule from ``cfg``."""
     datamodule = instantiate(cfg.data)
     backbone, auxiliary = build_networks(cfg)
-    loss = instantiate(cfg.loss)
-    module = instantiate(cfg.model, backbone=backbone, auxiliary=auxiliary, loss=loss)
-    return module, datamodule
+    return build_ptame_module(cfg, backbone, auxiliary), datamodule
 
 
 def continue_csv_history(loggers: list[Logger], global_step: int) -> None:
@@ -167,8 +172,8 @@ def both_objects_in_top2(backbone: Any, loader: Any, device: torch.device, max_i
     for batch in loader:
         batch = decode_on_device(batch, device)
         take = batch["image"].shape[0] if max_images is None else min(batch["image"].shape[0], int(max_images) - seen)
-        top2 = backbone(batch["image"][:take].to(device)).topk(2, dim=1).indices.sort(dim=1).values
-        hits += int((top2 == batch["object_labels"][:take].to(device).sort(dim=1).values).all(dim=1).sum())
+        logits = backbone(batch["image"][:take].to(device))
+        hits += int(objects_are_top_classes(logits, batch["object_labels"][:take]).sum())
         seen += take
         if max_images is not None and seen >= int(max_images):
             break
