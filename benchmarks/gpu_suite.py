@@ -6,7 +6,8 @@ Runs, each as its own process with a time limit, and keeps the figures each prin
    no host synchronisation in a training step, nvJPEG crops);
 2. ``benchmarks/train_step.py``: the training step in backbone forwards, batch 32 / 64 / 256, both
    class-subset modes, host synchronisations checked;
-3. ``benchmarks/imputation.py``: noisy linear imputation, calls of 112 images;
+3. ``benchmarks/imputation.py``: noisy linear imputation, calls of 112 images (eager and CUDA
+   graphs), then calls of 896 (the imputations of one ROAD batch of 64 images, one call on a GPU);
 4. ``benchmarks/evaluation.py``: ROAD, the faithfulness callback and the Table 1 suite, extrapolated
    to 2000 images; P-TAME's cost in backbone forwards; bf16 against float32 figures;
 5. ``benchmarks/input_pipeline.py``: the ImageNet loader, CPU and GPU decoding, per worker count;
@@ -133,6 +134,9 @@ def main() -> None:
                         "--images-per-call", "8", "--scipy-images", "0", "--repeats", "3", "--cuda-graphs",
                         *profile], 180,
          r"ptame", r"images .* RGB", r"CUDA graphs")
+    step("imputation-896", [python, "benchmarks/imputation.py", "--device", args.device, "--images", "64",
+                            "--images-per-call", "64", "--scipy-images", "0", "--repeats", "2"], 120,
+         r"ptame", r"images .* RGB")
     step("evaluation", [python, "benchmarks/evaluation.py", "--device", args.device], 300,
          r"P-TAME explanation|ROAD \(|faithfulness|Table 1|float32|bf16|device=")
     from synthetic_imagefolder import make_imagefolder

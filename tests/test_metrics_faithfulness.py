@@ -328,3 +328,34 @@ def test_every_figure_is_the_mean_of_its_per_image_values():
         for key, value in figures.items():
             assert per_image[key].shape == (6,)
             assert float(per_image[key].mean()) == pytest.approx(float(value), rel=1e-6, abs=1e-6), key
+
+
+def test_road_imputes_a_whole_batch_per_call_on_a_gpu_and_feeds_the_backbone_in_chunks(monkeypatch):
+    """On a GPU every imputation of a batch goes to the imputer in one call (its fixed cost per
+    call is launch-bound); the backbone still sees chunk_size images at a time. The numbers do
+    not depend on how the imputations are grouped into calls."""
+    generator = torch.Generator().manual_seed(3)
+    images = torch.rand(3, 3, 8, 8, generator=generator)
+    maps = torch.rand(3, 8, 8, generator=generator)
+    metric = ROAD(half_image_backbone(), percentages=[20, 60], imputer="mean", chunk_size=5)
+    assert metric.imputations_per_call(12, torch.device("cuda")) == 12
+    assert metric.imputations_per_call(12, torch.device("cpu")) == 5
+    calls = {"impute": [], "backbone": []}
+
+    def recording(kind, function):
+        def wrapped(batch, *args):
+            calls[kind].append(batch.shape[0])
+            return function(batch, *args)
+        return wrapped
+
+    chunked = ROAD(half_image_backbone(), percentages=[20, 60], imputer="mean", chunk_size=5)
+    chunked.update(images, maps, torch.arange(3))
+    whole = ROAD(recording("backbone", half_image_backbone()), percentages=[20, 60], imputer="mean",
+                 chunk_size=5)
+    whole.__dict__["impute"] = recording("impute", whole.impute)
+    monkeypatch.setattr(ROAD, "imputations_per_call", lambda self, count, device: count)
+    whole.update(images, maps, torch.arange(3))
+    assert calls["impute"] == [12]  # 3 images x 2 directions x 2 percentages
+    assert calls["backbone"] == [3, 5, 5, 2]  # the predictions, then the imputed images
+    for key, value in chunked.compute().items():
+        assert torch.equal(value, whole.compute()[key]), key

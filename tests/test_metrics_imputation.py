@@ -399,3 +399,68 @@ def test_the_cuda_graph_schedule_replays_exactly_the_eager_iterations(monkeypatc
     # on CPU the public function ignores the option
     assert torch.equal(noisy_linear_imputation(images, keep, noise_std=0.0, cuda_graphs=True),
                        noisy_linear_imputation(images, keep, noise_std=0.0))
+
+
+def test_chunks_are_balanced_and_sized_from_free_gpu_memory(monkeypatch):
+    """A chunk's fixed cost is paid per chunk: 112 images under a budget of 111 are 2 x 56, not
+    111 + 1. On a GPU the budget is a quarter of the free memory, within the bounds (private API)."""
+    per_image = 3 * 224 * 224
+    monkeypatch.setattr(imputation, "_CPU_CHUNK_VALUES", 111 * per_image)
+    cpu = torch.device("cpu")
+    assert imputation._chunk_size(112, per_image, cpu) == 56
+    assert imputation._chunk_size(111, per_image, cpu) == 111
+    assert imputation._chunk_size(223, per_image, cpu) == 75  # 3 chunks: 75 + 74 + 74
+    monkeypatch.setattr(imputation, "_CPU_CHUNK_VALUES", 8 * per_image)
+    assert imputation._chunk_size(14, per_image, cpu) == 7
+    assert imputation._chunk_size(1, per_image, cpu) == 1
+    assert imputation._chunk_size(5, 10 * per_image, cpu) == 1  # an image above the budget
+    free = {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free["bytes"], 2 * free["bytes"]))
+    cuda = torch.device("cuda")
+    low, high = imputation._GPU_CHUNK_VALUES
+    free["bytes"] = 4 * imputation._BYTES_PER_VALUE * 2**25  # a budget of 2**25 values: 222 images
+    assert imputation._chunk_size(896, per_image, cuda) == 180  # 5 chunks
+    free["bytes"] = 1000  # the lower bound: 27 images
+    assert imputation._chunk_size(896, per_image, cuda) == -(-896 // -(-896 // (low // per_image)))
+    free["bytes"] = 10**15  # the upper bound: 891 images
+    assert imputation._chunk_size(896, per_image, cuda) == 448
+
+
+def test_the_torsion_channel_certifies_kappa_and_leaves_at_the_torsion_check(monkeypatch):
+    """kappa, the certified bound on ||A^-1 1||_inf, is an upper bound of the true value (dense
+    solve) and a tight one (within 2.2x); the torsion channel leaves the batch at
+    TORSION_CHECK, before the first full check, when every image has its kappa (private API)."""
+    generator = torch.Generator().manual_seed(5)
+    saliency = torch.nn.functional.interpolate(torch.rand(3, 1, 4, 4, generator=generator),
+                                               size=(40, 40), mode="bilinear")[:, 0]
+    removed = saliency > saliency.flatten(1).quantile(0.2, dim=1).view(-1, 1, 1)  # 80 %
+    images = torch.rand(3, 3, 40, 40, generator=generator)
+    seen = {}
+    iterations = {"count": 0}
+    original_advance, original_drop = imputation._CG._advance, imputation._CG._drop_torsion
+
+    def advance(self):
+        iterations["count"] += 1
+        original_advance(self)
+
+    def drop(self):
+        seen.update(kappa=self.kappa.clone(), index=list(self.index), iteration=iterations["count"])
+        original_drop(self)
+
+    monkeypatch.setattr(imputation._CG, "_advance", advance)
+    monkeypatch.setattr(imputation._CG, "_drop_torsion", drop)
+    monkeypatch.setattr(imputation, "_CPU_CHUNK_VALUES", 10**9)  # one chunk
+    imputed = noisy_linear_imputation(images, ~removed, noise_std=0.0)
+    assert seen["iteration"] == imputation.TORSION_CHECK < imputation.CHECK_ITERATIONS[0]
+    geometry = imputation._neighbour_sum(imputation._pad(torch.ones(1, 1, 40, 40)))
+    work = imputation._Workspace(torch.device("cpu"))
+    for row, image in enumerate(seen["index"]):
+        ordered = removed.flatten(1).sum(dim=1).argsort()  # the solver's order: by removed count
+        mask = removed[ordered[image]]
+        level = imputation._FineLevel.build(mask[None], geometry)
+        nodes = mask.flatten().numpy()
+        operator = dense_operator(level, work)[np.ix_(nodes, nodes)]
+        truth = np.linalg.solve(operator, np.ones(nodes.sum())).max()
+        assert truth <= float(seen["kappa"][row]) <= 2.2 * truth, (truth, float(seen["kappa"][row]))
+    assert_matches_reference(images, ~removed)
+    assert torch.isfinite(imputed).all()

@@ -64,7 +64,10 @@ class ROAD(PerImageMetric):
         noise_std: std of the Gaussian noise added to imputed pixels (noisy linear only).
         auc: AUC convention, ``"normalised"`` or ``"padded"``.
         seed: seeds the tie-breaking keys and the noise, per image via its dataset index.
-        chunk_size: imputed images per backbone call (memory bound).
+        chunk_size: imputed images per backbone call (memory bound), and per imputer call on
+            CPU. On a GPU the imputer gets all the imputations of a batch in one call (the noisy
+            linear solver sizes its own chunks from the free memory): its fixed cost per call,
+            hundreds of small kernel launches per iteration, is then paid once per batch.
         pixels: which pixels a percentage removes, ``"exact"`` or ``"release"`` (see
             :meth:`removal_masks`).
     """
@@ -130,6 +133,10 @@ class ROAD(PerImageMetric):
         keep = torch.stack([torch.stack(morf, dim=1), torch.stack(lerf, dim=1)], dim=1)
         return keep.view(batch, 2, len(self.percentages), height, width)
 
+    def imputations_per_call(self, imputations: int, device: torch.device) -> int:
+        """Imputed images per imputer call: all of a batch's on a GPU, ``chunk_size`` on CPU."""
+        return max(imputations, 1) if device.type == "cuda" else self.chunk_size
+
     def _imputed(self, images: Tensor, keep: Tensor, indices: Tensor) -> Tensor:
         imputed = self.impute(images, keep)
         if self.imputer_name == "noisy_linear" and self.noise_std > 0:
@@ -153,12 +160,16 @@ class ROAD(PerImageMetric):
         flat_indices = indices.repeat_interleave(steps) * steps + torch.arange(steps, device=indices.device).repeat(batch)
         flat_targets = predictions.repeat_interleave(steps)
         correct, confidence = [], []
-        for start in range(0, flat_keep.shape[0], self.chunk_size):
-            part = slice(start, start + self.chunk_size)
-            imputed = self._imputed(flat_images[part], flat_keep[part], flat_indices[part])
-            probabilities = self.backbone(imputed).float().softmax(dim=1)
-            correct.append((probabilities.argmax(dim=1) == flat_targets[part]).double())
-            confidence.append(probabilities.gather(1, flat_targets[part].view(-1, 1)).squeeze(1).double())
+        per_call = self.imputations_per_call(flat_keep.shape[0], images.device)
+        for start in range(0, flat_keep.shape[0], per_call):
+            call = slice(start, start + per_call)
+            imputed = self._imputed(flat_images[call], flat_keep[call], flat_indices[call])
+            targets = flat_targets[call]
+            for offset in range(0, imputed.shape[0], self.chunk_size):
+                part = slice(offset, offset + self.chunk_size)
+                probabilities = self.backbone(imputed[part]).float().softmax(dim=1)
+                correct.append((probabilities.argmax(dim=1) == targets[part]).double())
+                confidence.append(probabilities.gather(1, targets[part].view(-1, 1)).squeeze(1).double())
         values = torch.stack([torch.cat(correct), torch.cat(confidence)], dim=1)
         self._record(indices, values.view(batch, 2, len(self.percentages), 2))
 

@@ -41,7 +41,8 @@ region spans the image. Hence:
   ``P`` (masked to the removed pixels on the finest level), which stay 9-point stencils; they are
   assembled edge by edge (``x^T A x = sum_edges E (x_f - x_g)^2 + sum_f G_f x_f^2``) from strided
   views, so they are exact and symmetric for any mask: holes, isolated pixels, 1-pixel-wide images,
-  image edges. Grids are vertex-centred (n -> n // 2 + 1 nodes; a dimension of 1 or 2 is not
+  image edges (the 121 edge terms of a level halved both ways are grouped by destination: one
+  matrix product and 17 shifted adds). Grids are vertex-centred (n -> n // 2 + 1 nodes; a dimension of 1 or 2 is not
   coarsened). The smoother is Jacobi, damped only where needed for the preconditioner to stay SPD
   (``d_i = max(a_ii, sum_j |a_ij| / 2)``); undamped Jacobi already divides the high frequencies of
   this 9-point operator by 3 per sweep. The coarsest grid (at most 64 nodes) is solved with the
@@ -59,13 +60,16 @@ region spans the image. Hence:
   ``|x - x*| <= A^-1 |r| <= ||r||_inf ||A^-1 1||_inf``. A bound ``kappa >= ||A^-1 1||_inf`` is
   certified per image from an approximate solution ``z`` of ``A z = 1``, solved as one more CG
   channel during the first few iterations: ``A z >= m > 0`` on every removed pixel implies
-  ``A^-1 1 <= z / m``. An image leaves the batch at the first check where its float64 residual
+  ``A^-1 1 <= z / m``. The channel is checked alone at :data:`TORSION_CHECK` (4) and leaves
+  the batch as soon as every image has its bound (2 to 4 iterations are needed). An image leaves the batch at the first check where its float64 residual
   satisfies ``kappa ||r||_inf <= ATOL`` in every channel. ``ATOL`` = 5e-4 is half the
   1e-3 tolerance of comparisons with the reference and 8x below 8-bit quantisation (1/255); the
   actual error is usually far smaller (about 1e-6 on ROAD masks).
   :class:`ImputationNotConvergedError` is raised after ``MAX_ITERATIONS`` iterations.
 * **Chunks, buffers, cropping.** The batch is solved a chunk of images at a time, grouped by
-  removed fraction (so that they converge together), through reused buffers (on CPU, fresh
+  removed fraction (so that they converge together), in chunks of equal size (a few images on
+  CPU, where cache-sized chunks are fastest; on a GPU as many as a quarter of the free memory
+  holds, since a chunk's fixed cost is a few thousand kernel launches), through reused buffers (on CPU, fresh
   multi-megabyte temporaries cost page faults comparable to the arithmetic); each chunk is cropped
   to the bounding box of its removed pixels (kept pixels outside only enter through ``b``).
 * **Few host synchronisations.** Every per-image decision is a tensor operation on the images'
@@ -74,7 +78,7 @@ region spans the image. Hence:
   iteration where the residuals' observed rate predicts that every image still iterating meets
   the bound, and at the latest at :data:`CHECK_ITERATIONS` (spaced further apart as the iteration
   count grows). On a GPU the solve is a stream of kernels the host does not wait for, whatever
-  the number of images; 5-6 reads for the 14 ROAD imputations of a 224 px image on CPU.
+  the number of images; 5-8 reads for the 14 ROAD imputations of a 224 px image on CPU.
 
 The 14 imputations of the ROAD protocol (7 percentages x MoRF/LeRF) are independent systems: stack
 them along the batch dimension (repeat the image, one mask each). Devices: CPU or CUDA (the
@@ -104,13 +108,19 @@ CHECK_ITERATIONS = (6, 9, 12, 16, 22, 30, 40, 56, 80, 100)
 """The latest iterations at which convergence is checked (float64 residuals, one host read
 each); a check comes earlier when the residuals' observed rate predicts that every image of the
 chunk meets the bound sooner (:meth:`_CG._check`)."""
+TORSION_CHECK = 4
+"""The iteration at which the torsion channel is checked alone (:meth:`_CG._check_torsion`): by
+then it certifies kappa for nearly every image (2 to 4 iterations are needed), and dropping it
+there instead of at the first full check saves a quarter of the work of the iterations between."""
 
 _COARSEST_NODES = 64  # the coarsest multigrid level has at most this many nodes (dense solve)
 _RIDGES = (1e-7, 1e-3)  # relative ridges of the coarsest matrix: the first that factorises is used
 _REPLACE_FACTOR = 1e-4  # substitute the float64 residual once the recursive one dropped this much
 _STALL_FACTOR = 0.5  # the recursive residual stalls when it fell by less than this between checks
 _CPU_CHUNK_VALUES = 8 * 3 * 224 * 224  # values per chunk on CPU (measured best: 4 to 10 images)
-_GPU_CHUNK_VALUES = 2**24  # values per chunk elsewhere: bounds memory (~40 such buffers are live)
+_GPU_CHUNK_VALUES = (2**22, 2**27)  # values per chunk on a GPU: bounds of the memory-based size
+_BYTES_PER_VALUE = 200  # peak solver memory per image value (measured: ~120 in buffers and levels,
+# plus the float64 copies of the images and the solutions)
 _OFFSETS = [(di, dj) for di in (-1, 0, 1) for dj in (-1, 0, 1)]  # 3x3 stencil order, centre is 4
 
 
@@ -224,8 +234,7 @@ def _linear_imputation(images: Tensor, keep: Tensor, cuda_graphs: bool = False) 
     todo = [i for i, (count, *_) in enumerate(plan) if 0 < count < height * width]
     if not todo:
         return values
-    budget = _CPU_CHUNK_VALUES if images.device.type == "cpu" else _GPU_CHUNK_VALUES
-    chunk = max(1, budget // (channels * height * width))
+    chunk = _chunk_size(len(todo), channels * height * width, images.device)
     work = _Workspace(images.device)
     for start in range(todo[0], todo[-1] + 1, chunk):
         stop = min(start + chunk, todo[-1] + 1)
@@ -236,6 +245,24 @@ def _linear_imputation(images: Tensor, keep: Tensor, cuda_graphs: bool = False) 
         solved = _solve_chunk(values, removed, index, box, work, cuda_graphs)
         values[(slice(None), slice(None), *box)].index_copy_(0, index, solved)
     return values
+
+
+def _chunk_size(images: int, values_per_image: int, device: torch.device) -> int:
+    """Images solved together: as many as the value budget allows, in chunks of equal size (112
+    images under a budget of 111 are 2 x 56, not 111 + 1: a chunk's fixed cost, its hierarchy and
+    a dozen iterations of launch-bound kernels on a GPU, is paid per chunk). The budget: on CPU
+    :data:`_CPU_CHUNK_VALUES` (cache-sized chunks are fastest); on a GPU a quarter of its free
+    memory at :data:`_BYTES_PER_VALUE`, within :data:`_GPU_CHUNK_VALUES` (bigger chunks launch
+    the same kernels over more images)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        low, high = _GPU_CHUNK_VALUES
+        budget = min(max(free // 4 // _BYTES_PER_VALUE, low), high)
+    else:
+        budget = _CPU_CHUNK_VALUES
+    largest = max(1, budget // values_per_image)
+    chunks = -(-images // largest)
+    return -(-images // chunks)
 
 
 def _solve_chunk(
@@ -547,6 +574,35 @@ def _assembly_terms(halve_h: bool, halve_w: bool) -> tuple[tuple[int, ...], ...]
     return tuple(terms)
 
 
+@functools.lru_cache(maxsize=None)
+def _assembly_groups(
+    halve_h: bool, halve_w: bool
+) -> tuple[tuple[tuple[int, int, int], ...], tuple[tuple[float, ...], ...]]:
+    """:func:`_assembly_terms` grouped by destination: the (offset, cy, cx) of each group and
+    its coefficients on the parity planes (source, uy, ux), flattened in that order: the coarse
+    entries are then one matrix product and one shifted add per group (17 for a grid halved
+    both ways) instead of one add per term (121)."""
+    step_h, step_w = (2 if halve_h else 1), (2 if halve_w else 1)
+    groups: dict[tuple[int, int, int], list[float]] = {}
+    for source, uy, ux, cy, cx, offset, coefficient in _assembly_terms(halve_h, halve_w):
+        row = groups.setdefault((offset, cy, cx), [0.0] * (5 * step_h * step_w))
+        row[(source * step_h + uy) * step_w + ux] += coefficient
+    return tuple(groups), tuple(tuple(row) for row in groups.values())
+
+
+_GROUP_MATRICES: dict[tuple[bool, bool, torch.device], Tensor] = {}
+
+
+def _group_matrix(halve_h: bool, halve_w: bool, device: torch.device) -> Tensor:
+    """(groups, parity planes) float32 coefficients on ``device``, made once per process (a
+    host-to-device copy would otherwise wait for the device at every level)."""
+    key = (halve_h, halve_w, device)
+    if key not in _GROUP_MATRICES:
+        rows = _assembly_groups(halve_h, halve_w)[1]
+        _GROUP_MATRICES[key] = torch.tensor(rows, dtype=torch.float32, device=device)
+    return _GROUP_MATRICES[key]
+
+
 def _galerkin(finer: _Level, grid: _Grid, work: _Workspace) -> _CoarseLevel:
     """The coarse operator P^T A P, assembled edge by edge from the finer operator's edge form.
 
@@ -559,12 +615,15 @@ def _galerkin(finer: _Level, grid: _Grid, work: _Workspace) -> _CoarseLevel:
     step_h, step_w = (2 if grid.halve_h else 1), (2 if grid.halve_w else 1)
     padded = sources.new_zeros((n, 5, step_h * hc, step_w * wc))
     padded[..., :h, :w] = sources
-    # de-interleave the fine nodes by parity, (n, 5, uy, ux, hc, wc): every view is contiguous
-    parts = padded.view(n, 5, hc, step_h, wc, step_w).permute(0, 1, 3, 5, 2, 4).contiguous()
+    # de-interleave the fine nodes by parity: rows (source, uy, ux), columns (image, coarse node)
+    parts = padded.view(n, 5, hc, step_h, wc, step_w).permute(1, 3, 5, 0, 2, 4)
+    parts = parts.reshape(5 * step_h * step_w, n * hc * wc)
+    destinations, _ = _assembly_groups(grid.halve_h, grid.halve_w)
+    combined = _group_matrix(grid.halve_h, grid.halve_w, sources.device) @ parts
+    combined = combined.view(len(destinations), n, hc, wc)
     accumulator = sources.new_zeros((9, n, hc + 2, wc + 2))
-    for source, uy, ux, cy, cx, offset, coefficient in _assembly_terms(grid.halve_h, grid.halve_w):
-        target = accumulator[offset, :, 1 + cy : 1 + cy + hc, 1 + cx : 1 + cx + wc]
-        target.add_(parts[:, source, uy, ux], alpha=coefficient)
+    for (offset, cy, cx), values in zip(destinations, combined):
+        accumulator[offset, :, 1 + cy : 1 + cy + hc, 1 + cx : 1 + cx + wc].add_(values)
     for offset, (dy, dx) in enumerate(_OFFSETS[:4]):  # A(c, c + d) = A(c + d, c)
         mirror = accumulator[8 - offset, :, 1 + dy : 1 + dy + hc, 1 + dx : 1 + dx + wc]
         accumulator[offset, :, 1:-1, 1:-1] = mirror
@@ -750,10 +809,10 @@ class _CG:
     """Multigrid-preconditioned CG on a chunk: float32 recurrences, float64 solution and checks.
 
     Channel 0 (an extra one) solves the torsion problem A z = 1 until it certifies the error
-    amplification bound kappa >= ||A^-1 1||_inf for every image (:meth:`_check`); it is then
-    dropped, the state becoming views of channels 1.. of the same buffers. At each check (when
-    the residuals' rate predicts convergence, at the latest at :data:`CHECK_ITERATIONS`) the host
-    reads one small tensor: which images meet the bound and when the next check is due. Those
+    amplification bound kappa >= ||A^-1 1||_inf for every image (:meth:`_check_torsion` at
+    :data:`TORSION_CHECK`, else :meth:`_check`); it is then dropped, the state becoming views
+    of channels 1.. of the same buffers. At each check (when the residuals' rate predicts
+    convergence, at the latest at :data:`CHECK_ITERATIONS`) the host reads one small tensor: which images meet the bound and when the next check is due. Those
     are written to the solution and leave the batch (the state is compacted, the hierarchy with
     it), so the work follows the images still iterating.
     """
@@ -798,6 +857,9 @@ class _CG:
         due, previous = CHECK_ITERATIONS[0], 0
         for iteration in range(1, MAX_ITERATIONS + 1):
             self._advance()
+            if self.torsion and iteration == TORSION_CHECK < due:
+                due = min(iteration + self._check_torsion(iteration), due)
+                continue
             if iteration == due or iteration == MAX_ITERATIONS:
                 done, needed = self._check(iteration - previous)
                 if done:
@@ -863,13 +925,9 @@ class _CG:
         exact = self.levels[0].residual64(
             self.x, self.rhs, self.work.get("residual64", self.x.shape, torch.float64), self.work)
         if self.torsion:
-            # r = 1 - A z on the removed pixels: A z >= m = 1 - max|r| > 0 bounds A^-1 1 <= z / m
-            lowest = 1.0 - _max_abs(exact[:, :1])
-            peak = self.x[:, 0].amax(dim=(1, 2))
-            certified = torch.isinf(self.kappa) & (lowest > 0.5)
-            self.kappa = torch.where(certified, peak / lowest.clamp_min(0.5), self.kappa)
+            self._certify(self.x[:, :1], exact[:, :1])
         recursive = _max_abs(self.residual[:, self.main], self.work).double()
-        self.checked = _max_abs(exact[:, self.main])
+        self.checked = _max_abs(exact[:, self.main], self.work)
         done = (self.checked == 0) | (self.checked * self.kappa <= ATOL)
         needed = self._iterations_needed(recursive, done, elapsed)
         stalled = recursive > _STALL_FACTOR * self.last_recursive  # float32 at its precision floor
@@ -887,15 +945,48 @@ class _CG:
         if all(finished):
             self.solution[self.index] = self.x[:, self.main]
             return True, 0
-        if self.torsion and all_certified:  # drop the torsion channel: views of channels 1..
-            for name in self._STATE:
-                setattr(self, name, getattr(self, name)[:, 1:])
-            self.rz = self.rz[:, 1:]
-            self.torsion = False
-            self.version += 1
+        if self.torsion and all_certified:
+            self._drop_torsion()
         if any(finished):
             self._retire(finished)
         return False, max(needed, 1)
+
+    def _certify(self, torsion: Tensor, residual: Tensor) -> None:
+        """Set kappa where it is not yet known and the torsion solution certifies it: with
+        r = 1 - A z (float64, 0 off the removed pixels), A z >= m = 1 - max r > 0 bounds
+        A^-1 1 <= z / m (A^-1 >= 0 entrywise); certified when m > 1/2.
+        torsion, residual: (n, 1, h+2, w+2) float64."""
+        lowest = 1.0 - residual.amax(dim=(1, 2, 3))
+        peak = torsion.amax(dim=(1, 2, 3))
+        certified = torch.isinf(self.kappa) & (lowest > 0.5)
+        self.kappa = torch.where(certified, peak / lowest.clamp_min(0.5), self.kappa)
+
+    def _drop_torsion(self) -> None:
+        """The state becomes views of channels 1.. (the images' channels)."""
+        for name in self._STATE:
+            setattr(self, name, getattr(self, name)[:, 1:])
+        self.rz = self.rz[:, 1:]
+        self.torsion = False
+        self.version += 1
+
+    def _check_torsion(self, elapsed: int) -> int:
+        """The torsion channel alone, at :data:`TORSION_CHECK`: certify kappa from its float64
+        residual and drop the channel once every image has kappa; predict from the images'
+        recursive residuals (their rate since the start, kappa) when they meet the bound. One
+        host read. Returns the predicted iterations from now (at least 1)."""
+        shape = (self.x.shape[0], 1, *self.x.shape[2:])
+        torsion = torch.add(self.x[:, :1], self.delta[:, :1],
+                            out=self.work.get("torsion64", shape, torch.float64))
+        residual = self.levels[0].residual64(
+            torsion, self.rhs[:, :1], self.work.get("residual64", shape, torch.float64), self.work)
+        self._certify(torsion, residual)
+        recursive = _max_abs(self.residual[:, 1:], self.work).double()
+        needed = self._iterations_needed(recursive, torch.zeros_like(recursive, dtype=torch.bool), elapsed)
+        certified = torch.isfinite(self.kappa).all().double().view(1)
+        all_certified, needed = torch.cat([certified, needed.view(1)]).tolist()  # the one read
+        if all_certified:
+            self._drop_torsion()
+        return max(int(needed), 1)
 
     def _iterations_needed(self, recursive: Tensor, done: Tensor, elapsed: int) -> Tensor:
         """() float64: iterations until the slowest image not ``done`` has its bound
