@@ -13,18 +13,25 @@ a noisy machine:
   the image stacked as one batch (of several images with ``--images-per-call``), noise off.
 
 It prints per-image seconds of each, the speed-ups, and the max |difference| on imputed pixels.
+``--against REV`` also times the solver of git revision ``REV`` on the same calls, alternating
+with today's (which one runs first alternates per call), and prints today's time as a ratio of it.
 Goal: >= 10x faster than the per-channel reference on CPU, max |difference| <= 1e-3. Torch runs on
 one thread by default, like scipy's solver (``--threads 0`` keeps torch's default).
 
     .venv/bin/python benchmarks/imputation.py [--device cpu|cuda] [--images 4] [--size 224]
-        [--threads 1] [--images-per-call 1] [--profile] [--cuda-graphs]
+        [--threads 1] [--images-per-call 1] [--profile] [--cuda-graphs] [--against REV]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse
@@ -119,6 +126,21 @@ def smooth_images(count: int, size: int, generator: torch.Generator) -> torch.Te
     return images.clamp(0, 1)
 
 
+def solver_at(revision: str):
+    """The noisy linear imputation function of git revision ``revision``, loaded as its own module."""
+    source = subprocess.run(
+        ["git", "show", f"{revision}:src/ptame/metrics/imputation/noisy_linear.py"],
+        cwd=Path(__file__).resolve().parents[1], check=True, capture_output=True, text=True,
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / "noisy_linear_at_revision.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("noisy_linear_at_revision", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.noisy_linear_imputation
+
+
 def synchronise(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -138,6 +160,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the top kernels of the first call")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="on CUDA, also time every call with cuda_graphs=True (A/B in the same run)")
+    parser.add_argument("--against", metavar="REV", default=None,
+                        help="also time the solver of this git revision on the same calls (A/B)")
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -151,6 +175,11 @@ def main() -> None:
     graphs = args.cuda_graphs and device.type == "cuda"
     if graphs:
         noisy_linear_imputation(warm, masks[0, :2].to(device), noise_std=0.0, cuda_graphs=True)
+    previous = solver_at(args.against) if args.against else None
+    if previous is not None:
+        previous(warm, masks[0, :2].to(device), noise_std=0.0)
+    previous_calls: list[float] = []
+    previous_difference = 0.0
     synchronise(device)
     graph_calls: list[float] = []
     graph_difference = 0.0
@@ -165,13 +194,25 @@ def main() -> None:
         if args.profile and not calls:
             print_profile(lambda: noisy_linear_imputation(batch, keep, noise_std=0.0), device,
                           f"one call of {batch.shape[0]} imputations")
-        durations = []
-        for _ in range(max(1, args.repeats)):
-            synchronise(device)
-            start = time.perf_counter()
-            ours = noisy_linear_imputation(batch, keep, noise_std=0.0)
-            synchronise(device)
-            durations.append(time.perf_counter() - start)
+        durations, previous_durations = [], []
+        for repeat in range(max(1, args.repeats)):
+            order = ["ours", "previous"] if previous is not None else ["ours"]
+            if (len(calls) + repeat) % 2:
+                order.reverse()
+            for which in order:
+                solve = noisy_linear_imputation if which == "ours" else previous
+                synchronise(device)
+                start = time.perf_counter()
+                result = solve(batch, keep, noise_std=0.0)
+                synchronise(device)
+                (durations if which == "ours" else previous_durations).append(time.perf_counter() - start)
+                if which == "ours":
+                    ours = result
+                else:
+                    theirs = result
+        if previous is not None:
+            previous_calls.append(statistics.median(previous_durations))
+            previous_difference = max(previous_difference, float((theirs - ours).abs().max()))
         calls.append((statistics.median(durations), batch.shape[0]))
         if graphs:  # the same call replaying captured CUDA graphs, interleaved with the eager one
             graph_durations = []
@@ -212,6 +253,12 @@ def main() -> None:
         print(f"  ptame with CUDA graphs: {per_graph * 1000:.3f} ms per imputation "
               f"({per_imputation / per_graph:.2f}x the eager speed); max |difference| from eager "
               f"{graph_difference:.2e}")
+    if previous_calls:
+        ours_total = sum(seconds for seconds, _ in calls)
+        print(f"  against revision {args.against}: {sum(previous_calls) * 1000 / len(previous_calls):.1f} ms "
+              f"per call; today's time {ours_total / sum(previous_calls):.3f}x its time (per call: "
+              f"{', '.join(f'{s / p:.2f}' for (s, _), p in zip(calls, previous_calls))}); max "
+              f"|difference| {previous_difference:.2e}")
     ours_time = statistics.mean(times["ptame"][:scipy_images]) if scipy_images else None
     for name in ("scipy per channel", "scipy multi-RHS"):
         if times[name] and ours_time:
