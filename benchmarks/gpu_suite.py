@@ -92,6 +92,9 @@ def main() -> None:
                         help="batch sizes of the end-to-end training runs")
     parser.add_argument("--profile", action="store_true",
                         help="also print the top kernels of one training step and one imputation call")
+    parser.add_argument("--imputation-against", default=None, metavar="REV_OR_FILE",
+                        help="time the calls of 896 imputations against this solver too (a git "
+                             "revision, or a copy of its noisy_linear.py where the history is absent)")
     parser.add_argument("--overrides", nargs="*", default=[],
                         help="extra Hydra overrides of the end-to-end runs (e.g. to rehearse on CPU: "
                              "trainer=cpu +trainer.limit_train_batches=2 data.test_size=16)")
@@ -134,9 +137,11 @@ def main() -> None:
                         "--images-per-call", "8", "--scipy-images", "0", "--repeats", "3", "--cuda-graphs",
                         *profile], 180,
          r"ptame", r"images .* RGB", r"CUDA graphs")
-    step("imputation-896", [python, "benchmarks/imputation.py", "--device", args.device, "--images", "64",
-                            "--images-per-call", "64", "--scipy-images", "0", "--repeats", "2"], 120,
-         r"ptame", r"images .* RGB")
+    against = ["--against", args.imputation_against] if args.imputation_against else []
+    per_call = "64" if args.device != "cpu" else "2"  # a CPU rehearsal: the command, not the size
+    step("imputation-896", [python, "benchmarks/imputation.py", "--device", args.device, "--images", per_call,
+                            "--images-per-call", per_call, "--scipy-images", "0", "--repeats", "2", *against],
+         120, r"ptame", r"images .* RGB", r"against")
     step("evaluation", [python, "benchmarks/evaluation.py", "--device", args.device], 300,
          r"P-TAME explanation|ROAD \(|faithfulness|Table 1|float32|bf16|device=")
     from synthetic_imagefolder import make_imagefolder

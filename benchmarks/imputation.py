@@ -13,8 +13,9 @@ a noisy machine:
   the image stacked as one batch (of several images with ``--images-per-call``), noise off.
 
 It prints per-image seconds of each, the speed-ups, and the max |difference| on imputed pixels.
-``--against REV`` also times the solver of git revision ``REV`` on the same calls, alternating
-with today's (which one runs first alternates per call), and prints today's time as a ratio of it.
+``--against REV`` also times the solver of git revision ``REV`` (or of a copy of that module's
+file, for a machine without the repository's history) on the same calls, alternating with
+today's (which one runs first alternates per call), and prints today's time as a ratio of it.
 Goal: >= 10x faster than the per-channel reference on CPU, max |difference| <= 1e-3. Torch runs on
 one thread by default, like scipy's solver (``--threads 0`` keeps torch's default).
 
@@ -127,13 +128,16 @@ def smooth_images(count: int, size: int, generator: torch.Generator) -> torch.Te
 
 
 def solver_at(revision: str):
-    """The noisy linear imputation function of git revision ``revision``, loaded as its own module."""
-    source = subprocess.run(
-        ["git", "show", f"{revision}:src/ptame/metrics/imputation/noisy_linear.py"],
-        cwd=Path(__file__).resolve().parents[1], check=True, capture_output=True, text=True,
-    ).stdout
-    path = Path(tempfile.mkdtemp()) / "noisy_linear_at_revision.py"
-    path.write_text(source)
+    """The noisy linear imputation function of git revision ``revision`` (or of the module file at
+    that path), loaded as its own module."""
+    path = Path(revision)
+    if not path.is_file():
+        source = subprocess.run(
+            ["git", "show", f"{revision}:src/ptame/metrics/imputation/noisy_linear.py"],
+            cwd=Path(__file__).resolve().parents[1], check=True, capture_output=True, text=True,
+        ).stdout
+        path = Path(tempfile.mkdtemp()) / "noisy_linear_at_revision.py"
+        path.write_text(source)
     spec = importlib.util.spec_from_file_location("noisy_linear_at_revision", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
@@ -161,7 +165,7 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="on CUDA, also time every call with cuda_graphs=True (A/B in the same run)")
     parser.add_argument("--against", metavar="REV", default=None,
-                        help="also time the solver of this git revision on the same calls (A/B)")
+                        help="also time the solver of this git revision (or module file) on the same calls (A/B)")
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
