@@ -594,12 +594,12 @@ _GROUP_MATRICES: dict[tuple[bool, bool, torch.device], Tensor] = {}
 
 
 def _group_matrix(halve_h: bool, halve_w: bool, device: torch.device) -> Tensor:
-    """(groups, parity planes) float32 coefficients on ``device``, made once per process (a
-    host-to-device copy would otherwise wait for the device at every level)."""
+    """(groups, parity planes) float32 coefficients on ``device``, made once per process."""
     key = (halve_h, halve_w, device)
     if key not in _GROUP_MATRICES:
         rows = _assembly_groups(halve_h, halve_w)[1]
-        _GROUP_MATRICES[key] = torch.tensor(rows, dtype=torch.float32, device=device)
+        matrix = torch.tensor(rows, dtype=torch.float32)
+        _GROUP_MATRICES[key] = matrix.to(device, non_blocking=True)  # no stream synchronisation
     return _GROUP_MATRICES[key]
 
 
