@@ -42,13 +42,14 @@ region spans the image. Hence:
   assembled edge by edge (``x^T A x = sum_edges E (x_f - x_g)^2 + sum_f G_f x_f^2``) from strided
   views, so they are exact and symmetric for any mask: holes, isolated pixels, 1-pixel-wide images,
   image edges (the 121 edge terms of a level halved both ways are grouped by destination: one
-  matrix product and 17 shifted adds). Grids are vertex-centred (n -> n // 2 + 1 nodes; a dimension of 1 or 2 is not
-  coarsened). The smoother is Jacobi, damped only where needed for the preconditioner to stay SPD
-  (``d_i = max(a_ii, sum_j |a_ij| / 2)``); undamped Jacobi already divides the high frequencies of
-  this 9-point operator by 3 per sweep. The coarsest grid (at most 64 nodes) is solved with the
-  inverse of its matrix, from a batched Cholesky factorisation (nodes that interpolate no removed
-  pixel get a unit diagonal; a tiny ridge keeps the factorisation defined where the coarse
-  interpolation is rank-deficient, a direction the prolongation maps to zero).
+  matrix product and 17 shifted adds). Grids are vertex-centred (n -> n // 2 + 1 nodes; a
+  dimension of 1 or 2 is not coarsened). The smoother is Jacobi, damped only where needed for
+  the preconditioner to stay SPD (``d_i = max(a_ii, sum_j |a_ij| / 2)``); undamped Jacobi
+  already divides the high frequencies of this 9-point operator by 3 per sweep. The coarsest
+  grid (at most 64 nodes) is solved with the inverse of its matrix, from a batched Cholesky
+  factorisation (nodes that interpolate no removed pixel get a unit diagonal; a tiny ridge keeps
+  the factorisation defined where the coarse interpolation is rank-deficient, a direction the
+  prolongation maps to zero).
 * **Mixed precision.** The preconditioner and the CG recurrences run in float32; the solution is
   accumulated in float64, and at every check the residual is recomputed in float64 (and
   substituted for the recursive float32 one where that one predicts convergence the float64 one
@@ -61,17 +62,19 @@ region spans the image. Hence:
   certified per image from an approximate solution ``z`` of ``A z = 1``, solved as one more CG
   channel during the first few iterations: ``A z >= m > 0`` on every removed pixel implies
   ``A^-1 1 <= z / m``. The channel is checked alone at :data:`TORSION_CHECK` (4) and leaves
-  the batch as soon as every image has its bound (2 to 4 iterations are needed). An image leaves the batch at the first check where its float64 residual
-  satisfies ``kappa ||r||_inf <= ATOL`` in every channel. ``ATOL`` = 5e-4 is half the
+  the batch as soon as every image has its bound (2 to 4 iterations are needed). An image
+  leaves the batch at the first check where its float64 residual satisfies
+  ``kappa ||r||_inf <= ATOL`` in every channel. ``ATOL`` = 5e-4 is half the
   1e-3 tolerance of comparisons with the reference and 8x below 8-bit quantisation (1/255); the
   actual error is usually far smaller (about 1e-6 on ROAD masks).
   :class:`ImputationNotConvergedError` is raised after ``MAX_ITERATIONS`` iterations.
 * **Chunks, buffers, cropping.** The batch is solved a chunk of images at a time, grouped by
   removed fraction (so that they converge together), in chunks of equal size (a few images on
   CPU, where cache-sized chunks are fastest; on a GPU as many as a quarter of the free memory
-  holds, since a chunk's fixed cost is a few thousand kernel launches), through reused buffers (on CPU, fresh
-  multi-megabyte temporaries cost page faults comparable to the arithmetic); each chunk is cropped
-  to the bounding box of its removed pixels (kept pixels outside only enter through ``b``).
+  holds, since a chunk's fixed cost is a few thousand kernel launches), through reused buffers
+  (on CPU, fresh multi-megabyte temporaries cost page faults comparable to the arithmetic); each
+  chunk is cropped to the bounding box of its removed pixels (kept pixels outside only enter
+  through ``b``).
 * **Few host synchronisations.** Every per-image decision is a tensor operation on the images'
   device. The host reads one small tensor to plan the chunks (sizes and boxes of all images), and
   one per convergence check (which images are done, and when the next check is due): at the
@@ -812,9 +815,10 @@ class _CG:
     amplification bound kappa >= ||A^-1 1||_inf for every image (:meth:`_check_torsion` at
     :data:`TORSION_CHECK`, else :meth:`_check`); it is then dropped, the state becoming views
     of channels 1.. of the same buffers. At each check (when the residuals' rate predicts
-    convergence, at the latest at :data:`CHECK_ITERATIONS`) the host reads one small tensor: which images meet the bound and when the next check is due. Those
-    are written to the solution and leave the batch (the state is compacted, the hierarchy with
-    it), so the work follows the images still iterating.
+    convergence, at the latest at :data:`CHECK_ITERATIONS`) the host reads one small tensor:
+    which images meet the bound and when the next check is due. Those are written to the
+    solution and leave the batch (the state is compacted, the hierarchy with it), so the work
+    follows the images still iterating.
     """
 
     _STATE = ("rhs", "x", "delta", "residual", "direction")
@@ -981,7 +985,8 @@ class _CG:
             torsion, self.rhs[:, :1], self.work.get("residual64", shape, torch.float64), self.work)
         self._certify(torsion, residual)
         recursive = _max_abs(self.residual[:, 1:], self.work).double()
-        needed = self._iterations_needed(recursive, torch.zeros_like(recursive, dtype=torch.bool), elapsed)
+        undecided = torch.zeros_like(recursive, dtype=torch.bool)
+        needed = self._iterations_needed(recursive, undecided, elapsed)
         certified = torch.isfinite(self.kappa).all().double().view(1)
         all_certified, needed = torch.cat([certified, needed.view(1)]).tolist()  # the one read
         if all_certified:
