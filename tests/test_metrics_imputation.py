@@ -414,12 +414,18 @@ def test_chunks_are_balanced_and_sized_from_free_gpu_memory(monkeypatch):
     assert imputation._chunk_size(14, per_image, cpu) == 7
     assert imputation._chunk_size(1, per_image, cpu) == 1
     assert imputation._chunk_size(5, 10 * per_image, cpu) == 1  # an image above the budget
-    free = {"bytes": 0}
+    free = {"bytes": 0, "cached": 0}  # free on the device; held by PyTorch's allocator, unused
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free["bytes"], 2 * free["bytes"]))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: free["cached"] + 1000)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 1000)
     cuda = torch.device("cuda")
     low, high = imputation._GPU_CHUNK_VALUES
     free["bytes"] = 4 * imputation._BYTES_PER_VALUE * 2**25  # a budget of 2**25 values: 222 images
     assert imputation._chunk_size(896, per_image, cuda) == 180  # 5 chunks
+    free["bytes"], free["cached"] = free["bytes"] // 2, free["bytes"] // 2  # half of it cached
+    assert imputation._chunk_size(896, per_image, cuda) == 180
+    free["cached"] = 0
+    assert imputation._chunk_size(896, per_image, cuda) == 100  # 2**24 values: 111 images, 9 chunks
     free["bytes"] = 1000  # the lower bound: 27 images
     assert imputation._chunk_size(896, per_image, cuda) == -(-896 // -(-896 // (low // per_image)))
     free["bytes"] = 10**15  # the upper bound: 891 images

@@ -255,10 +255,12 @@ def _chunk_size(images: int, values_per_image: int, device: torch.device) -> int
     images under a budget of 111 are 2 x 56, not 111 + 1: a chunk's fixed cost, its hierarchy and
     a dozen iterations of launch-bound kernels on a GPU, is paid per chunk). The budget: on CPU
     :data:`_CPU_CHUNK_VALUES` (cache-sized chunks are fastest); on a GPU a quarter of its free
-    memory at :data:`_BYTES_PER_VALUE`, within :data:`_GPU_CHUNK_VALUES` (bigger chunks launch
-    the same kernels over more images)."""
+    memory (the device's, plus what PyTorch's allocator holds unused) at
+    :data:`_BYTES_PER_VALUE`, within :data:`_GPU_CHUNK_VALUES` (bigger chunks launch the same
+    kernels over more images)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         low, high = _GPU_CHUNK_VALUES
         budget = min(max(free // 4 // _BYTES_PER_VALUE, low), high)
     else:
