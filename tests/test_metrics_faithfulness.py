@@ -7,8 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import ptame.metrics.imputation as imputation_module
 from ptame.metrics import ROAD, AverageDropIncrease, InsertionDeletion, curve_auc, measure_cost
 from ptame.metrics.base import deduplicate, top_pixels
+from ptame.metrics.imputation import CALL_BYTES_PER_VALUE
 from ptame.networks import Backbone
 
 
@@ -338,8 +340,14 @@ def test_road_imputes_a_whole_batch_per_call_on_a_gpu_and_feeds_the_backbone_in_
     images = torch.rand(3, 3, 8, 8, generator=generator)
     maps = torch.rand(3, 8, 8, generator=generator)
     metric = ROAD(half_image_backbone(), percentages=[20, 60], imputer="mean", chunk_size=5)
-    assert metric.imputations_per_call(12, torch.device("cuda")) == 12
-    assert metric.imputations_per_call(12, torch.device("cpu")) == 5
+    assert metric.imputations_per_call(12, 192, torch.device("cpu")) == 5
+    available = {"bytes": 10**12}
+    monkeypatch.setattr(imputation_module, "available_memory", lambda device: available["bytes"])
+    assert metric.imputations_per_call(12, 192, torch.device("cuda")) == 12
+    available["bytes"] = 4 * CALL_BYTES_PER_VALUE * 192 * 7  # a quarter holds 7 imputations
+    assert metric.imputations_per_call(12, 192, torch.device("cuda")) == 7
+    available["bytes"] = 0  # never fewer than the CPU's calls
+    assert metric.imputations_per_call(12, 192, torch.device("cuda")) == 5
     calls = {"impute": [], "backbone": []}
 
     def recording(kind, function):
@@ -353,7 +361,7 @@ def test_road_imputes_a_whole_batch_per_call_on_a_gpu_and_feeds_the_backbone_in_
     whole = ROAD(recording("backbone", half_image_backbone()), percentages=[20, 60], imputer="mean",
                  chunk_size=5)
     whole.__dict__["impute"] = recording("impute", whole.impute)
-    monkeypatch.setattr(ROAD, "imputations_per_call", lambda self, count, device: count)
+    monkeypatch.setattr(ROAD, "imputations_per_call", lambda self, count, values, device: count)
     whole.update(images, maps, torch.arange(3))
     assert calls["impute"] == [12]  # 3 images x 2 directions x 2 percentages
     assert calls["backbone"] == [3, 5, 5, 2]  # the predictions, then the imputed images

@@ -26,7 +26,7 @@ from ptame.metrics.base import (
     kth_value_threshold,
     pixel_count,
 )
-from ptame.metrics.imputation import IMPUTERS
+from ptame.metrics.imputation import IMPUTERS, imputations_per_call
 from ptame.metrics.ranking import per_image_normal, rank_positions, ranking
 
 ORDERS = ("MoRF", "LeRF")
@@ -65,9 +65,10 @@ class ROAD(PerImageMetric):
         auc: AUC convention, ``"normalised"`` or ``"padded"``.
         seed: seeds the tie-breaking keys and the noise, per image via its dataset index.
         chunk_size: imputed images per backbone call (memory bound), and per imputer call on
-            CPU. On a GPU the imputer gets all the imputations of a batch in one call (the noisy
-            linear solver sizes its own chunks from the free memory): its fixed cost per call,
-            hundreds of small kernel launches per iteration, is then paid once per batch.
+            CPU. On a GPU the imputer gets all the imputations of a batch in one call where a
+            quarter of the free memory holds them (the noisy linear solver sizes its own chunks
+            from it too): its fixed cost per call, hundreds of small kernel launches per
+            iteration, is then paid once per batch.
         pixels: which pixels a percentage removes, ``"exact"`` or ``"release"`` (see
             :meth:`removal_masks`).
     """
@@ -133,9 +134,10 @@ class ROAD(PerImageMetric):
         keep = torch.stack([torch.stack(morf, dim=1), torch.stack(lerf, dim=1)], dim=1)
         return keep.view(batch, 2, len(self.percentages), height, width)
 
-    def imputations_per_call(self, imputations: int, device: torch.device) -> int:
-        """Imputed images per imputer call: all of a batch's on a GPU, ``chunk_size`` on CPU."""
-        return max(imputations, 1) if device.type == "cuda" else self.chunk_size
+    def imputations_per_call(self, imputations: int, values_per_image: int, device: torch.device) -> int:
+        """Imputed images per imputer call: on a GPU all of a batch's where memory allows
+        (:func:`ptame.metrics.imputation.imputations_per_call`), ``chunk_size`` on CPU."""
+        return imputations_per_call(imputations, values_per_image, device, self.chunk_size)
 
     def _imputed(self, images: Tensor, keep: Tensor, indices: Tensor) -> Tensor:
         imputed = self.impute(images, keep)
@@ -160,7 +162,7 @@ class ROAD(PerImageMetric):
         flat_indices = indices.repeat_interleave(steps) * steps + torch.arange(steps, device=indices.device).repeat(batch)
         flat_targets = predictions.repeat_interleave(steps)
         correct, confidence = [], []
-        per_call = self.imputations_per_call(flat_keep.shape[0], images.device)
+        per_call = self.imputations_per_call(flat_keep.shape[0], channels * height * width, images.device)
         for start in range(0, flat_keep.shape[0], per_call):
             call = slice(start, start + per_call)
             imputed = self._imputed(flat_images[call], flat_keep[call], flat_indices[call])

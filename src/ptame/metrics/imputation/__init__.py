@@ -17,14 +17,22 @@ from ptame.metrics.imputation.noisy_linear import (
     ATOL,
     MAX_ITERATIONS,
     ImputationNotConvergedError,
+    available_memory,
     noisy_linear_imputation,
 )
+
+CALL_BYTES_PER_VALUE = 40
+"""Device memory per image value of one imputer call on top of the solver's own chunks: the
+repeated input images, the float64 copy the solver works on and its float64 results, the
+imputed output and the metric's noise (8 + 8 + 8 + 4 + 4 bytes, and some slack)."""
 
 __all__ = [
     "ATOL",
     "IMPUTERS",
     "MAX_ITERATIONS",
+    "CALL_BYTES_PER_VALUE",
     "ImputationNotConvergedError",
+    "imputations_per_call",
     "mean_imputation",
     "noisy_linear_exact",
     "noisy_linear_imputation",
@@ -32,6 +40,18 @@ __all__ = [
     "telea_release_imputation",
     "zero_imputation",
 ]
+
+
+def imputations_per_call(imputations: int, values_per_image: int, device: torch.device,
+                         cpu_call: int) -> int:
+    """Imputed images per imputer call. On CPU ``cpu_call``. On a GPU every imputation at once
+    when a quarter of the available memory holds them at :data:`CALL_BYTES_PER_VALUE` (a call's
+    fixed cost, hundreds of small kernel launches per solver iteration, is then paid once), else
+    as many as it holds, at least ``cpu_call``."""
+    if device.type != "cuda":
+        return cpu_call
+    fitting = available_memory(device) // 4 // (CALL_BYTES_PER_VALUE * values_per_image)
+    return max(min(imputations, fitting), cpu_call, 1)
 
 
 def zero_imputation(images: Tensor, keep: Tensor) -> Tensor:

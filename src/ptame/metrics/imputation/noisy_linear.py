@@ -98,7 +98,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ATOL", "MAX_ITERATIONS", "ImputationNotConvergedError", "noisy_linear_imputation"]
+__all__ = [
+    "ATOL", "MAX_ITERATIONS", "ImputationNotConvergedError", "available_memory", "noisy_linear_imputation",
+]
 
 ATOL = 5e-4
 """Guaranteed bound on the absolute error of each imputed value before noise (pixel-value units)."""
@@ -250,6 +252,13 @@ def _linear_imputation(images: Tensor, keep: Tensor, cuda_graphs: bool = False) 
     return values
 
 
+def available_memory(device: torch.device) -> int:
+    """Bytes new tensors can take on a CUDA device: free on the device plus what PyTorch's caching
+    allocator holds unused (host-side counters: no synchronisation)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def _chunk_size(images: int, values_per_image: int, device: torch.device) -> int:
     """Images solved together: as many as the value budget allows, in chunks of equal size (112
     images under a budget of 111 are 2 x 56, not 111 + 1: a chunk's fixed cost, its hierarchy and
@@ -259,10 +268,8 @@ def _chunk_size(images: int, values_per_image: int, device: torch.device) -> int
     :data:`_BYTES_PER_VALUE`, within :data:`_GPU_CHUNK_VALUES` (bigger chunks launch the same
     kernels over more images)."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         low, high = _GPU_CHUNK_VALUES
-        budget = min(max(free // 4 // _BYTES_PER_VALUE, low), high)
+        budget = min(max(available_memory(device) // 4 // _BYTES_PER_VALUE, low), high)
     else:
         budget = _CPU_CHUNK_VALUES
     largest = max(1, budget // values_per_image)
