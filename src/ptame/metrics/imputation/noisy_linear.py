@@ -126,8 +126,8 @@ _REPLACE_FACTOR = 1e-4  # substitute the float64 residual once the recursive one
 _STALL_FACTOR = 0.5  # the recursive residual stalls when it fell by less than this between checks
 _CPU_CHUNK_VALUES = 8 * 3 * 224 * 224  # values per chunk on CPU (measured best: 4 to 10 images)
 _GPU_CHUNK_VALUES = (2**22, 2**27)  # values per chunk on a GPU: bounds of the memory-based size
-_BYTES_PER_VALUE = 200  # peak solver memory per image value (measured: ~120 in buffers and levels,
-# plus the float64 copies of the images and the solutions)
+_BYTES_PER_VALUE = 200  # peak memory of a chunk per image value (measured: 118 in its buffers and
+# levels, plus its float64 solution and result; the call's own copies are counted by the caller)
 _OFFSETS = [(di, dj) for di in (-1, 0, 1) for dj in (-1, 0, 1)]  # 3x3 stencil order, centre is 4
 
 
@@ -604,17 +604,11 @@ def _assembly_groups(
     return tuple(groups), tuple(tuple(row) for row in groups.values())
 
 
-_GROUP_MATRICES: dict[tuple[bool, bool, torch.device], Tensor] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _group_matrix(halve_h: bool, halve_w: bool, device: torch.device) -> Tensor:
     """(groups, parity planes) float32 coefficients on ``device``, made once per process."""
-    key = (halve_h, halve_w, device)
-    if key not in _GROUP_MATRICES:
-        rows = _assembly_groups(halve_h, halve_w)[1]
-        matrix = torch.tensor(rows, dtype=torch.float32)
-        _GROUP_MATRICES[key] = matrix.to(device, non_blocking=True)  # no stream synchronisation
-    return _GROUP_MATRICES[key]
+    matrix = torch.tensor(_assembly_groups(halve_h, halve_w)[1], dtype=torch.float32)
+    return matrix.to(device, non_blocking=True)  # no stream synchronisation
 
 
 def _galerkin(finer: _Level, grid: _Grid, work: _Workspace) -> _CoarseLevel:
