@@ -14,8 +14,10 @@ Runs, each as its own process with a time limit, and keeps the figures each prin
 6. ``train.py`` end to end on a synthetic ImageFolder (ResNet-50 / ResNet-18, random weights saved
    as state-dict files), batch 64 and 256: images/s and the estimated epoch time;
 7. ``evaluate.py`` end to end on the 2000 test images with the checkpoint of step 6;
-8. ``benchmarks/train_step.py --compile`` at batch 64 (``model.compile=true``; compiling takes
-   minutes, so it comes last).
+8. ``benchmarks/train_step.py --compile`` at batch 64 (``model.compile=true``) for each of
+   ``--compile-modes`` (default: ``default`` and ``reduce-overhead``, i.e. with CUDA graphs);
+9. ``train.py`` end to end at batch 64 with ``model.compile=true`` and the last of
+   ``--compile-modes``. Compiling takes minutes, so these come last.
 
 Budget: under 8 minutes on a 16-core one-GPU machine. Logs go to ``--out`` (default
 ``benchmark-gpu/``).
@@ -95,6 +97,8 @@ def main() -> None:
     parser.add_argument("--imputation-against", default=None, metavar="REV_OR_FILE",
                         help="time the calls of 896 imputations against this solver too (a git "
                              "revision, or a copy of its noisy_linear.py where the history is absent)")
+    parser.add_argument("--compile-modes", nargs="+", default=["default", "reduce-overhead"],
+                        help="model.compile_mode values of the compiled steps (the last: end to end)")
     parser.add_argument("--overrides", nargs="*", default=[],
                         help="extra Hydra overrides of the end-to-end runs (e.g. to rehearse on CPU: "
                              "trainer=cpu +trainer.limit_train_batches=2 data.test_size=16)")
@@ -181,8 +185,15 @@ def main() -> None:
 
     # last: compilation takes minutes; one batch size, the paper's class-subset mode
     step("train-step-compile", [python, "benchmarks/train_step.py", "--compile", "--device", args.device,
-                                "--batch-sizes", "64", "--modes", "random", "--repeats", "10"], 300,
+                                "--compile-modes", *args.compile_modes,
+                                "--batch-sizes", "64", "--modes", "random", "--repeats", "10"], 360,
          r"^\s+\d+\s+(batch|random)", r"device=")
+    run_dir = out / "train_b64_compile"
+    step("train-b64-compile", [python, "train.py", *common, f"data.decode={args.decode[0]}", "data.batch_size=64",
+                               "model.compile=true", f"model.compile_mode={args.compile_modes[-1]}",
+                               "callbacks=default", "final_evaluation.overlay_images=0",
+                               f"hydra.run.dir={run_dir}"], 420,
+         r"throughput .* images/s", r"Error|error:")
 
     print("\n==================== summary ====================")
     print(f"{'step':<16} {'status':<14} {'seconds':>8}")

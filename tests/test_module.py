@@ -180,13 +180,72 @@ def train_losses(tmp_path, steps: int, **kwargs) -> tuple[PTAMEModule, list[floa
     return module, record.losses
 
 
-def test_compiled_frozen_networks_train_and_give_the_eager_losses(tmp_path):
+@pytest.mark.parametrize("compile_mode", ["default", "reduce-overhead"])
+def test_compiled_frozen_networks_train_and_give_the_eager_losses(tmp_path, compile_mode):
     """``model.compile=true`` on CPU (torch.compile of the frozen networks' training copies):
-    a few steps train, the loss falls, and each step's loss is the eager run's."""
-    compiled, compiled_losses = train_losses(tmp_path / "compiled", 6, compile=True)
+    a few steps train, the loss falls, and each step's loss is the eager run's. On CPU
+    ``reduce-overhead`` has no CUDA graphs to replay; it must still compile and train."""
+    compiled, compiled_losses = train_losses(tmp_path / "compiled", 6, compile=True,
+                                             compile_mode=compile_mode)
     _, eager_losses = train_losses(tmp_path / "eager", 6, compile=False)
     backbone, auxiliary = compiled.frozen_networks()
     assert isinstance(backbone, torch._dynamo.eval_frame.OptimizedModule)
     assert isinstance(auxiliary, torch._dynamo.eval_frame.OptimizedModule)
     assert compiled_losses[-1] < 0.9 * compiled_losses[0], compiled_losses
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-4, abs=1e-5)
+
+
+def test_unknown_compile_mode_is_refused_with_the_valid_ones():
+    with pytest.raises(ValueError, match="model.compile_mode must be one of .*reduce-overhead"):
+        make_module(compile=True, compile_mode="fast")
+
+
+def test_attention_optimiser_is_fused_adamw_with_the_per_tensor_loops_updates():
+    """The fused kernel is the same AdamW (amsgrad, decoupled weight decay): three steps on the
+    same gradients move the weights as the per-tensor loop does, to float rounding."""
+    module = make_module()
+    optimizer = module.make_optimizer()
+    group = optimizer.param_groups[0]
+    assert isinstance(optimizer, torch.optim.AdamW) and group["fused"] is True
+    assert group["amsgrad"] is True and group["weight_decay"] == 0.01 and group["lr"] == 1e-2
+    parameters = list(module.ptame.attention.parameters())
+    assert [id(p) for p in group["params"]] == [id(p) for p in parameters]
+    starts = [p.detach().clone() for p in parameters]
+    copies = [p.detach().clone().requires_grad_(True) for p in parameters]
+    loop = torch.optim.AdamW(copies, lr=1e-2, weight_decay=0.01, amsgrad=True, foreach=False)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for fused_parameter, loop_parameter in zip(parameters, copies):
+            gradient = torch.randn(fused_parameter.shape, generator=generator)
+            fused_parameter.grad, loop_parameter.grad = gradient.clone(), gradient.clone()
+        optimizer.step()
+        loop.step()
+    for fused_parameter, loop_parameter, start in zip(parameters, copies, starts, strict=True):
+        assert (fused_parameter.detach() - start).abs().max() > 1e-3  # the steps moved it
+        torch.testing.assert_close(fused_parameter.detach(), loop_parameter.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_training_terms_are_logged_on_logging_steps_and_the_last_step_only(tmp_path):
+    """Lightning writes a training step's logs every ``log_every_n_steps`` steps; the terms are
+    logged on those steps and the last one (whose values are the final ones), not on the others."""
+    torch.manual_seed(0)
+    module = make_module()
+    record = RecordLoss()
+    logged_at: list[int] = []
+    log = module.log
+
+    def recording_log(name, value, *args, **kwargs):
+        if name == "train/loss":
+            logged_at.append(module.global_step)
+            assert module.trainer._logger_connector.should_update_logs or module.global_step == 4
+        return log(name, value, *args, **kwargs)
+
+    module.log = recording_log
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=5, log_every_n_steps=2, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False,
+        callbacks=[record],
+    )
+    trainer.fit(module, DataLoader(RandomImages(), batch_size=4))
+    assert logged_at == [1, 3, 4]
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(record.losses[-1])
