@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import ptame.metrics.imputation as imputation_module
 from ptame.metrics import ROAD, AverageDropIncrease, InsertionDeletion, curve_auc, measure_cost
-from ptame.metrics.base import deduplicate, top_pixels
+from ptame.metrics.base import CPU_IMAGES_PER_FORWARD, classify, deduplicate, top_pixels
 from ptame.metrics.imputation import CALL_BYTES_PER_VALUE
 from ptame.networks import Backbone
 
@@ -367,3 +367,51 @@ def test_road_imputes_a_whole_batch_per_call_on_a_gpu_and_feeds_the_backbone_in_
     assert calls["backbone"] == [3, 5, 5, 2]  # the predictions, then the imputed images
     for key, value in chunked.compute().items():
         assert torch.equal(value, whole.compute()[key]), key
+
+
+def test_metrics_call_a_cpu_backbone_on_at_most_eight_images_with_the_same_logits():
+    """:func:`classify`: calls of CPU_IMAGES_PER_FORWARD images on CPU (a CPU forward slows down
+    per image once a call's activations outgrow the caches); the logits are one call's."""
+    sizes: list[int] = []
+    backbone = half_image_backbone()
+
+    def recording(images):
+        sizes.append(images.shape[0])
+        return backbone(images)
+
+    images = torch.rand(19, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    assert CPU_IMAGES_PER_FORWARD == 8
+    logits = classify(recording, images)
+    assert sizes == [8, 8, 3]
+    torch.testing.assert_close(logits, backbone(images), rtol=0, atol=1e-6)
+    sizes.clear()
+    classify(recording, images[:8])
+    assert sizes == [8]
+
+
+def test_insertion_deletion_curves_do_not_depend_on_how_points_are_grouped_into_calls():
+    """The B x (steps + 1) curve points of a batch are classified chunk_size at a time across
+    images; any chunk size, and any batching of the images, gives the same curves."""
+    generator = torch.Generator().manual_seed(6)
+    images = torch.rand(3, 3, 8, 8, generator=generator)
+    maps = torch.rand(3, 8, 8, generator=generator)
+    sizes: list[int] = []
+    backbone = half_image_backbone()
+
+    def recording(batch):
+        sizes.append(batch.shape[0])
+        return backbone(batch)
+
+    chunked = InsertionDeletion(recording, steps=3, chunk_size=5)
+    chunked.update(images, maps, torch.arange(3))
+    # the targets, then 3 images x 4 points per curve in chunks of 5, for insertion and deletion
+    assert sizes == [3, 5, 5, 2, 5, 5, 2]
+    whole = InsertionDeletion(half_image_backbone(), steps=3, chunk_size=1000)
+    whole.update(images, maps, torch.arange(3))
+    one_by_one = InsertionDeletion(half_image_backbone(), steps=3, chunk_size=1)
+    for i in range(3):
+        one_by_one.update(images[i : i + 1], maps[i : i + 1], torch.tensor([i]))
+    for other in (whole, one_by_one):
+        torch.testing.assert_close(other.per_image()[1], chunked.per_image()[1], rtol=0, atol=1e-6)
+    curves = chunked.curves()
+    assert curves["deletion"][0] > curves["deletion"][-1]  # from the image to zeros

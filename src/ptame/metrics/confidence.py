@@ -12,6 +12,7 @@ from ptame.metrics.base import (
     BackboneFn,
     PerImageMetric,
     check_batch,
+    classify,
     release_kept_pixels,
     top_pixels,
 )
@@ -72,14 +73,14 @@ class AverageDropIncrease(PerImageMetric):
         images, maps, indices = check_batch(images, maps, indices, "AverageDropIncrease", maps_in_unit_range=self.soft)
         if images.shape[0] == 0:
             return
-        probabilities = self.backbone(images).float().softmax(dim=1)
+        probabilities = classify(self.backbone, images).float().softmax(dim=1)
         predictions = probabilities.argmax(dim=1, keepdim=True)
         original = probabilities.gather(1, predictions).squeeze(1)
         columns = []
         for threshold in self.thresholds:
             keep = self.kept(maps, threshold / 100, indices)
             mask = torch.where(keep, maps, torch.zeros_like(maps)) if self.soft else keep.to(maps.dtype)
-            masked = self.backbone(images * mask.unsqueeze(1).to(images.dtype)).float().softmax(dim=1)
+            masked = classify(self.backbone, images * mask.unsqueeze(1).to(images.dtype)).float().softmax(dim=1)
             after = masked.gather(1, predictions).squeeze(1)
             drop = (original - after).clamp_min(0) / original.clamp_min(torch.finfo(original.dtype).tiny)
             columns += [drop, (after > original).to(drop.dtype)]

@@ -18,7 +18,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
-from ptame.metrics.base import BackboneFn, PerImageMetric, check_batch
+from ptame.metrics.base import BackboneFn, PerImageMetric, check_batch, classify
 from ptame.metrics.ranking import rank_positions, ranking
 
 MODES = ("insertion", "deletion")
@@ -42,7 +42,9 @@ class InsertionDeletion(PerImageMetric):
         insertion_substrate, deletion_substrate: ``"blur"`` or ``"zero"``.
         seed: seeds the tie-breaking keys per image (via its dataset index): only pixels of
             equal value are ordered by them.
-        chunk_size: images per backbone call.
+        chunk_size: curve points (partly switched images, across the batch's images) built and
+            classified together; on CPU the backbone sees at most
+            :data:`~ptame.metrics.base.CPU_IMAGES_PER_FORWARD` of them per call.
     """
 
     higher_is_better = None
@@ -90,7 +92,7 @@ class InsertionDeletion(PerImageMetric):
             image, step = point // points, point % points
             switched = rank[image] < counts[step].view(-1, 1, 1, 1)
             sequence = torch.where(switched, end[image], start[image])
-            probabilities = self.backbone(sequence).float().softmax(dim=1)
+            probabilities = classify(self.backbone, sequence).float().softmax(dim=1)
             confidences[first : first + point.shape[0]] = probabilities.gather(1, targets[image].view(-1, 1))[:, 0]
         return confidences.view(batch, points)
 
@@ -100,7 +102,7 @@ class InsertionDeletion(PerImageMetric):
         images, maps, indices = check_batch(images, maps, indices, "InsertionDeletion")
         if images.shape[0] == 0:
             return
-        targets = self.backbone(images).argmax(dim=1)
+        targets = classify(self.backbone, images).argmax(dim=1)
         order = ranking(maps, indices, self.seed, descending=True)
         insertion = self._curve(images, order, substrate(images, self.substrates["insertion"]), images, targets)
         deletion = self._curve(images, order, images, substrate(images, self.substrates["deletion"]), targets)

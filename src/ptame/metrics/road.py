@@ -23,6 +23,7 @@ from ptame.metrics.base import (
     BackboneFn,
     PerImageMetric,
     check_batch,
+    classify,
     kth_value_threshold,
     pixel_count,
 )
@@ -64,8 +65,8 @@ class ROAD(PerImageMetric):
         noise_std: std of the Gaussian noise added to imputed pixels (noisy linear only).
         auc: AUC convention, ``"normalised"`` or ``"padded"``.
         seed: seeds the tie-breaking keys and the noise, per image via its dataset index.
-        chunk_size: imputed images per backbone call (memory bound), and per imputer call on
-            CPU. On a GPU the imputer gets all the imputations of a batch in one call where a
+        chunk_size: imputed images per backbone call (memory bound; on CPU calls of at most
+            :data:`~ptame.metrics.base.CPU_IMAGES_PER_FORWARD`), and per imputer call on CPU. On a GPU the imputer gets all the imputations of a batch in one call where a
             quarter of the free memory holds them (the noisy linear solver sizes its own chunks
             from it too): its fixed cost per call, hundreds of small kernel launches per
             iteration, is then paid once per batch.
@@ -154,7 +155,7 @@ class ROAD(PerImageMetric):
         if images.shape[0] == 0:
             return
         batch, channels, height, width = images.shape
-        predictions = self.backbone(images).argmax(dim=1)
+        predictions = classify(self.backbone, images).argmax(dim=1)
         keep = self.removal_masks(maps, indices)  # (B, 2, P, H, W)
         steps = keep.shape[1] * keep.shape[2]
         flat_keep = keep.reshape(batch * steps, height, width)
@@ -169,7 +170,7 @@ class ROAD(PerImageMetric):
             targets = flat_targets[call]
             for offset in range(0, imputed.shape[0], self.chunk_size):
                 part = slice(offset, offset + self.chunk_size)
-                probabilities = self.backbone(imputed[part]).float().softmax(dim=1)
+                probabilities = classify(self.backbone, imputed[part]).float().softmax(dim=1)
                 correct.append((probabilities.argmax(dim=1) == targets[part]).double())
                 confidence.append(probabilities.gather(1, targets[part].view(-1, 1)).squeeze(1).double())
         values = torch.stack([torch.cat(correct), torch.cat(confidence)], dim=1)
