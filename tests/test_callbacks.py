@@ -99,3 +99,37 @@ def test_training_throughput_settings_are_checked():
 
     with pytest.raises(ValueError, match="estimate_steps >= 1"):
         TrainingThroughput(estimate_steps=0)
+
+
+def test_a_batch_classifies_its_unmodified_images_once_for_every_explainer_and_metric():
+    """evaluate_batch shares one forward of the unmodified images (SharedLogits) between the
+    explainers' targets and the metrics' c*; the figures are those of separate forwards."""
+    from ptame.evaluation.suite import build_metrics, evaluate_explainers
+    from ptame.explainers import PTAMEExplainer
+    from ptame.metrics.base import CPU_IMAGES_PER_FORWARD
+
+    module = make_module()
+    backbone = module.ptame.backbone
+    explainers = {"a": PTAMEExplainer(module.ptame, "minmax"), "b": PTAMEExplainer(module.ptame, "sigmoid")}
+    images = torch.rand(6, 3, 20, 20, generator=torch.Generator().manual_seed(2))
+    assert images.shape[0] <= CPU_IMAGES_PER_FORWARD  # one call for the unmodified images
+    settings = {"adic": {"thresholds": [50, 15]}, "road": {"percentages": [30, 70], "imputer": "mean"},
+                "insertion_deletion": {"steps": 4}}
+    suites = {name: build_metrics(backbone, settings, False) for name in explainers}
+    originals = []
+    hook = backbone.register_forward_hook(
+        lambda module, inputs, output: originals.append(torch.equal(inputs[0], images)))
+    try:
+        figures = evaluate_explainers(explainers, suites, [{"image": images, "index": torch.arange(6)}], "cpu")
+    finally:
+        hook.remove()
+    assert originals.count(True) == 1  # was 2 explainers x (1 + 3 metrics) = 8
+    for name, explainer in explainers.items():
+        separate = build_metrics(backbone, settings, False)
+        with torch.no_grad():
+            maps = explainer(images).float()
+            for metric in separate.values():
+                metric.update(images, maps, torch.arange(6))
+        for metric in separate.values():
+            for key, value in metric.compute().items():
+                assert figures[name][key] == pytest.approx(float(value), rel=1e-6, abs=1e-7), (name, key)

@@ -415,3 +415,32 @@ def test_insertion_deletion_curves_do_not_depend_on_how_points_are_grouped_into_
         torch.testing.assert_close(other.per_image()[1], chunked.per_image()[1], rtol=0, atol=1e-6)
     curves = chunked.curves()
     assert curves["deletion"][0] > curves["deletion"][-1]  # from the image to zeros
+
+
+@pytest.mark.parametrize("metric_class", [AverageDropIncrease, ROAD, InsertionDeletion])
+def test_metrics_take_the_callers_logits_of_the_images_and_give_the_same_figures(metric_class):
+    """``update(..., logits=)``: the backbone's logits of the unmodified images come from the
+    caller (one forward shared by a batch's explainer and metrics), the metric never classifies
+    the unmodified images itself, and the figures are those of its own forward."""
+    generator = torch.Generator().manual_seed(8)
+    images = torch.rand(3, 3, 8, 8, generator=generator)
+    maps = torch.rand(3, 8, 8, generator=generator)
+    backbone = half_image_backbone()
+    seen: list[torch.Tensor] = []
+
+    def recording(batch):
+        seen.append(batch)
+        return backbone(batch)
+
+    settings = {ROAD: dict(percentages=[20, 60], imputer="mean"), AverageDropIncrease: dict(thresholds=[50, 15]),
+                InsertionDeletion: dict(steps=3)}[metric_class]
+    assert metric_class.takes_logits
+    own = metric_class(backbone, **settings)
+    own.update(images, maps, torch.arange(3))
+    shared = metric_class(recording, **settings)
+    shared.update(images, maps, torch.arange(3), logits=backbone(images))
+    assert seen and not any(batch.shape == images.shape and torch.equal(batch, images) for batch in seen)
+    for key, value in own.compute().items():
+        assert torch.equal(value, shared.compute()[key]), key
+    with pytest.raises(ValueError, match=r"logits must be the backbone's \(B, C\) = \(3, C\) logits"):
+        shared.update(images, maps, torch.arange(3), logits=backbone(images)[:2])

@@ -34,7 +34,7 @@ from ptame.metrics import (
     PointingGame,
     measure_cost,
 )
-from ptame.metrics.base import STANDARD_ERROR_SUFFIX, PerImageMetric
+from ptame.metrics.base import STANDARD_ERROR_SUFFIX, BackboneFn, PerImageMetric, classify
 from ptame.networks.frozen import Backbone
 
 log = logging.getLogger(__name__)
@@ -180,11 +180,14 @@ def timed(timings: dict[str, float] | None, key: str, device: torch.device) -> I
 def update_metrics(metrics: Mapping[str, Metric], images: Tensor, maps: Tensor, batch: Mapping[str, Tensor],
                    should_stop: Callable[[], bool] | None = None, timings: dict[str, float] | None = None,
                    prefix: str = "", progress: EvaluationProgress | None = None,
-                   explainer: Explainer | None = None) -> None:
+                   explainer: Explainer | None = None,
+                   logits: Callable[[BackboneFn], Tensor] | None = None) -> None:
     """Feed one batch of maps (B, H, W) for ``images`` (B, 3, H, W) into every metric;
     :func:`stop_if_asked` before each; seconds per metric added to ``timings`` (keys
     ``<prefix><metric>``) when given; one ``progress`` step per metric. The class-specific
-    metrics (:data:`CLASS_SPECIFIC_METRICS`) call ``explainer`` for each object's class."""
+    metrics (:data:`CLASS_SPECIFIC_METRICS`) call ``explainer`` for each object's class.
+    ``logits``: backbone -> its logits (B, C) of ``images`` (:class:`SharedLogits`), given to the
+    metrics that take them (``takes_logits``) instead of each computing them."""
     indices = batch["index"].to(images.device)
     for name, metric in metrics.items():
         stop_if_asked(should_stop)
@@ -193,6 +196,8 @@ def update_metrics(metrics: Mapping[str, Metric], images: Tensor, maps: Tensor, 
                 metric.update(maps, batch["mask"].to(images.device), indices)
             elif name in CLASS_SPECIFIC_METRICS:
                 update_class_specific(metric, explainer, images, batch, indices)
+            elif logits is not None and getattr(metric, "takes_logits", False):
+                metric.update(images, maps, indices, logits=logits(metric.backbone))
             else:
                 metric.update(images, maps, indices)
 
@@ -237,11 +242,35 @@ def evaluate_batch(
     are added to it; ``progress``: advanced once per explainer and per metric."""
     images = batch["image"] if device is None else batch["image"].to(device)
     with metric_precision(images.device, precision):
+        logits = SharedLogits(images)
         for name, explainer in explainers.items():
             stop_if_asked(should_stop)
             with tracked(progress, timings, name, images.device):
-                maps = explainer(images).float()
-            update_metrics(suites[name], images, maps, batch, should_stop, timings, f"{name}/", progress, explainer)
+                backbone = getattr(explainer, "backbone", None)
+                if backbone is None:  # explains without a backbone (or a plain callable)
+                    maps = explainer(images).float()
+                else:  # the backbone's predictions, from the batch's shared forward
+                    maps = explainer(images, logits(backbone).argmax(dim=1)).float()
+            update_metrics(suites[name], images, maps, batch, should_stop, timings, f"{name}/", progress, explainer,
+                           logits)
+
+
+class SharedLogits:
+    """``shared(backbone)``: the logits (B, C) of one batch's unmodified images under
+    ``backbone``, computed once per backbone object and batch (:func:`classify`), for the
+    explainers' targets (the backbone's predictions) and every metric that needs them: one
+    forward per batch where each explainer and metric made its own (for the Table 1 suite of
+    one explainer: 84 forwards per image instead of 87)."""
+
+    def __init__(self, images: Tensor) -> None:
+        self.images = images
+        self._logits: dict[int, tuple[BackboneFn, Tensor]] = {}
+
+    def __call__(self, backbone: BackboneFn) -> Tensor:
+        key = id(backbone)
+        if key not in self._logits:  # the backbone is kept with its logits: its id stays its own
+            self._logits[key] = (backbone, classify(backbone, self.images))
+        return self._logits[key][1]
 
 
 def compute_metrics(metrics: Mapping[str, Metric]) -> tuple[dict[str, float], dict[str, list[float]]]:

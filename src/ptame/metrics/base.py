@@ -35,6 +35,19 @@ def classify(backbone: BackboneFn, images: Tensor) -> Tensor:
     return torch.cat([backbone(part) for part in images.split(CPU_IMAGES_PER_FORWARD)])
 
 
+def original_logits(backbone: BackboneFn, images: Tensor, logits: Tensor | None, who: str) -> Tensor:
+    """The backbone's logits (B, C) of the unmodified ``images`` (B, 3, H, W): ``logits`` when
+    the caller already has them (one forward shared by the explainer and every metric of a
+    batch, :func:`ptame.evaluation.suite.evaluate_batch`), else one :func:`classify` call.
+    A ValueError names ``who`` for logits that are not (B, C) on the images' device."""
+    if logits is None:
+        return classify(backbone, images)
+    if logits.ndim != 2 or logits.shape[0] != images.shape[0] or logits.device != images.device:
+        raise ValueError(f"{who}: logits must be the backbone's (B, C) = ({images.shape[0]}, C) logits of the "
+                         f"images on {images.device}, got shape {tuple(logits.shape)} on {logits.device}")
+    return logits
+
+
 def deduplicate(indices: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
     """Keep the first row per unique index.
 
@@ -150,6 +163,9 @@ class PerImageMetric(Metric):
     """Stores (index, per-image values) pairs; subclasses turn them into figures."""
 
     full_state_update = False
+    #: ``update`` takes ``logits=``, the backbone's logits of the unmodified images, instead of
+    #: computing them (:func:`original_logits`)
+    takes_logits: ClassVar[bool] = False
     #: result key (or ``"<prefix>@"`` for a family of keys) -> ``"min"`` or ``"max"``: the
     #: direction in which the figure is better (tables mark the best value with it).
     directions: ClassVar[dict[str, str]] = {}

@@ -13,6 +13,7 @@ from ptame.metrics.base import (
     PerImageMetric,
     check_batch,
     classify,
+    original_logits,
     release_kept_pixels,
     top_pixels,
 )
@@ -44,6 +45,7 @@ class AverageDropIncrease(PerImageMetric):
     """
 
     higher_is_better = None
+    takes_logits = True
     directions = {"AD@": "min", "IC@": "max"}
 
     def __init__(
@@ -68,12 +70,15 @@ class AverageDropIncrease(PerImageMetric):
         return top_pixels(maps, fraction, indices, self.seed)
 
     @torch.no_grad()
-    def update(self, images: Tensor, maps: Tensor, indices: Tensor | None = None) -> None:
-        """images (B, 3, H, W) in [0, 1]; maps (B, H, W) in [0, 1] explaining c*; indices (B,)."""
+    def update(self, images: Tensor, maps: Tensor, indices: Tensor | None = None,
+               logits: Tensor | None = None) -> None:
+        """images (B, 3, H, W) in [0, 1]; maps (B, H, W) in [0, 1] explaining c*; indices (B,);
+        logits (B, C): the backbone's logits of the images if the caller has them."""
         images, maps, indices = check_batch(images, maps, indices, "AverageDropIncrease", maps_in_unit_range=self.soft)
         if images.shape[0] == 0:
             return
-        probabilities = classify(self.backbone, images).float().softmax(dim=1)
+        logits = original_logits(self.backbone, images, logits, "AverageDropIncrease")
+        probabilities = logits.float().softmax(dim=1)
         predictions = probabilities.argmax(dim=1, keepdim=True)
         original = probabilities.gather(1, predictions).squeeze(1)
         columns = []

@@ -18,7 +18,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
-from ptame.metrics.base import BackboneFn, PerImageMetric, check_batch, classify
+from ptame.metrics.base import BackboneFn, PerImageMetric, check_batch, classify, original_logits
 from ptame.metrics.ranking import rank_positions, ranking
 
 MODES = ("insertion", "deletion")
@@ -48,6 +48,7 @@ class InsertionDeletion(PerImageMetric):
     """
 
     higher_is_better = None
+    takes_logits = True
     directions = {"insertion_AUC": "max", "deletion_AUC": "min"}
 
     def __init__(
@@ -97,12 +98,14 @@ class InsertionDeletion(PerImageMetric):
         return confidences.view(batch, points)
 
     @torch.no_grad()
-    def update(self, images: Tensor, maps: Tensor, indices: Tensor | None = None) -> None:
-        """images (B, 3, H, W) in [0, 1]; maps (B, H, W); indices (B,) dataset indices."""
+    def update(self, images: Tensor, maps: Tensor, indices: Tensor | None = None,
+               logits: Tensor | None = None) -> None:
+        """images (B, 3, H, W) in [0, 1]; maps (B, H, W); indices (B,) dataset indices; logits
+        (B, C): the backbone's logits of the images if the caller has them."""
         images, maps, indices = check_batch(images, maps, indices, "InsertionDeletion")
         if images.shape[0] == 0:
             return
-        targets = classify(self.backbone, images).argmax(dim=1)
+        targets = original_logits(self.backbone, images, logits, "InsertionDeletion").argmax(dim=1)
         order = ranking(maps, indices, self.seed, descending=True)
         insertion = self._curve(images, order, substrate(images, self.substrates["insertion"]), images, targets)
         deletion = self._curve(images, order, images, substrate(images, self.substrates["deletion"]), targets)

@@ -24,6 +24,7 @@ from ptame.metrics.base import (
     PerImageMetric,
     check_batch,
     classify,
+    original_logits,
     kth_value_threshold,
     pixel_count,
 )
@@ -75,6 +76,7 @@ class ROAD(PerImageMetric):
     """
 
     higher_is_better = None
+    takes_logits = True
     directions = {
         "ROAD_MoRF_AUC": "min", "ROAD_LeRF_AUC": "max",
         "ROAD_MoRF_confidence_AUC": "min", "ROAD_LeRF_confidence_AUC": "max",
@@ -149,13 +151,15 @@ class ROAD(PerImageMetric):
         return imputed
 
     @torch.no_grad()
-    def update(self, images: Tensor, maps: Tensor, indices: Tensor | None = None) -> None:
-        """images (B, 3, H, W) in [0, 1]; maps (B, H, W); indices (B,) dataset indices."""
+    def update(self, images: Tensor, maps: Tensor, indices: Tensor | None = None,
+               logits: Tensor | None = None) -> None:
+        """images (B, 3, H, W) in [0, 1]; maps (B, H, W); indices (B,) dataset indices; logits
+        (B, C): the backbone's logits of the images if the caller has them."""
         images, maps, indices = check_batch(images, maps, indices, "ROAD")
         if images.shape[0] == 0:
             return
         batch, channels, height, width = images.shape
-        predictions = classify(self.backbone, images).argmax(dim=1)
+        predictions = original_logits(self.backbone, images, logits, "ROAD").argmax(dim=1)
         keep = self.removal_masks(maps, indices)  # (B, 2, P, H, W)
         steps = keep.shape[1] * keep.shape[2]
         flat_keep = keep.reshape(batch * steps, height, width)
