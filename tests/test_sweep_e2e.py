@@ -177,6 +177,10 @@ def test_sweep_killed_during_training_resumes(tmp_path, cache_dir):
     directory = tmp_path / "sweep"
     arguments = [
         *TINY,
+        # 64 training steps, not 8: trial 1's train.py then lives about 5 s after its first
+        # progress line instead of about 2 s, so the kill below lands during training even when
+        # a loaded 2-core machine stalls this polling loop (it missed the 2 s window once)
+        "data.num_train=2048",
         f"paths.cache_dir={cache_dir}",
         f"hydra.run.dir={directory}",
         "sweep.n_trials=2",
