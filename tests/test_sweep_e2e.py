@@ -177,10 +177,6 @@ def test_sweep_killed_during_training_resumes(tmp_path, cache_dir):
     directory = tmp_path / "sweep"
     arguments = [
         *TINY,
-        # 64 training steps, not 8: trial 1's train.py then lives about 5 s after its first
-        # progress line instead of about 2 s, so the kill below lands during training even when
-        # a loaded 2-core machine stalls this polling loop (it missed the 2 s window once)
-        "data.num_train=2048",
         f"paths.cache_dir={cache_dir}",
         f"hydra.run.dir={directory}",
         "sweep.n_trials=2",
@@ -204,8 +200,10 @@ def test_sweep_killed_during_training_resumes(tmp_path, cache_dir):
         ):
             assert time.monotonic() < deadline, "trial 1 never started training"
             time.sleep(0.2)
+        # -ww: without it ps may cut each line at 80 columns, before "train.py" in a checkout
+        # whose path is long (e.g. a fresh clone under /tmp)
         table = subprocess.run(
-            ["ps", "-eo", "ppid,pid,args"], capture_output=True, text=True
+            ["ps", "-ww", "-eo", "ppid,pid,args"], capture_output=True, text=True
         ).stdout.splitlines()[1:]
         trainer_pids = [
             int(row.split()[1])
