@@ -91,7 +91,6 @@ def test_training_step_makes_no_host_synchronisation(mode, batch_size):
     module = PTAMEModule(torchvision_backbone("resnet50"), torchvision_auxiliary("resnet18"),
                          PTAMELoss(class_subset=mode), channels_last=True,
                          frozen_dtype="bfloat16").cuda().train()
-    module.configure_model()
     optimizer = module.make_optimizer()  # fused AdamW, as in training
     images = torch.rand(batch_size, 3, 224, 224, device="cuda")
 
@@ -127,7 +126,6 @@ def test_frozen_passes_replayed_as_cuda_graphs_train_as_the_compiled_ones():
                              input_size=(32, 32), channels_last=True, frozen_dtype="bfloat16",
                              compile=True, compile_mode=compile_mode, seed=1)
         module = module.cuda().train()
-        module.configure_model()
         optimizer = module.make_optimizer()
         losses = []
         for _ in range(4):

@@ -85,7 +85,9 @@ class PTAMEModule(L.LightningModule):
         upsampling: ``"one_step"`` (the paper) or ``"stepwise"`` (the release's repeated x2
             bilinear steps; stored in checkpoints).
         map_normalisation: how maps are normalised by :meth:`explainer` at evaluation.
-        channels_last: use channels_last memory format (faster convolutions on GPU).
+        channels_last: channels_last memory format for the attention and the frozen networks'
+            training copies (faster convolutions on GPUs and on CPUs: ResNet-50 training step 0.76x
+            the time on 2 CPU cores at batch 16).
         compile: wrap the frozen networks' training copies in ``torch.compile``.
         compile_mode: ``torch.compile``'s mode with ``compile=True``: ``"default"``,
             ``"reduce-overhead"`` (the compiled passes replayed as CUDA graphs: one launch per pass
@@ -115,7 +117,7 @@ class PTAMEModule(L.LightningModule):
         activation: str = "relu",
         upsampling: str = "one_step",
         map_normalisation: MapNormalisation = "sigmoid",
-        channels_last: bool = False,
+        channels_last: bool = True,
         compile: bool = False,
         compile_mode: str = "default",
         fold_batchnorm: bool = True,
@@ -170,11 +172,6 @@ class PTAMEModule(L.LightningModule):
         self._nonfinite_step: Tensor | None = None  # first step with a non-finite loss, or -1
 
     # ------------------------------------------------------------------ setup
-    def configure_model(self) -> None:
-        """Memory format, applied once the module is on its device."""
-        if self.hparams.channels_last:
-            self.ptame.to(memory_format=torch.channels_last)
-
     def training_dtype(self) -> torch.dtype:
         """The dtype of the frozen networks' training copies (see ``frozen_dtype``)."""
         if self.hparams.frozen_dtype != "auto":

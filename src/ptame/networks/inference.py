@@ -9,7 +9,7 @@ inference form computes the same function faster:
   removing a memory-bound pass per layer in both directions;
 - weights stored in the training dtype (bf16 under ``bf16-mixed``), so that autocast has nothing
   to cast at every step;
-- channels_last memory format on GPUs.
+- channels_last memory format (faster convolutions on GPUs with cuDNN and on CPUs with oneDNN).
 
 The copy is separate from the network it was made from, which keeps its float32 weights: the
 explainer, the metrics and the checkpoint's weight fingerprints use the original.
