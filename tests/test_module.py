@@ -81,6 +81,28 @@ def test_backbone_gets_no_weight_gradients_only_the_masked_image_does():
     assert module.ptame.attention.fusion.weight.grad.abs().sum() > 0
 
 
+def test_channels_last_reaches_the_training_copies_only_so_maps_do_not_depend_on_it(tmp_path):
+    """model.channels_last converts the frozen networks' training copies; the original networks
+    and the attention (used by the explainer and the metrics) keep their memory format, so the
+    maps of a trained module are bit for bit those of the same weights with channels_last off."""
+    module = make_module(channels_last=True)
+    fit(module, tmp_path)
+    backbone_copy, auxiliary_copy = module.frozen_networks()
+    copies = [p for network in (backbone_copy, auxiliary_copy) for p in network.parameters() if p.ndim == 4]
+    assert copies and all(p.is_contiguous(memory_format=torch.channels_last) for p in copies)
+    originals = [p for p in module.ptame.parameters() if p.ndim == 4 and p.shape[-1] > 1]
+    assert originals and all(p.is_contiguous() and not p.is_contiguous(memory_format=torch.channels_last)
+                             for p in originals)
+
+    contiguous = make_module(channels_last=False)
+    contiguous.ptame.attention.load_state_dict(module.ptame.attention.state_dict())
+    images = torch.rand(3, 3, 20, 20, generator=torch.Generator().manual_seed(1))
+    module.eval(), contiguous.eval()
+    expected = contiguous.explainer()(images)
+    assert torch.equal(module.explainer()(images), expected)
+    assert expected.std() > 0
+
+
 def test_checkpoint_holds_only_the_head_and_round_trips_to_identical_maps(tmp_path):
     module = make_module()
     trainer = fit(module, tmp_path)

@@ -85,9 +85,10 @@ class PTAMEModule(L.LightningModule):
         upsampling: ``"one_step"`` (the paper) or ``"stepwise"`` (the release's repeated x2
             bilinear steps; stored in checkpoints).
         map_normalisation: how maps are normalised by :meth:`explainer` at evaluation.
-        channels_last: channels_last memory format for the attention and the frozen networks'
-            training copies (faster convolutions on GPUs and on CPUs: ResNet-50 training step 0.76x
-            the time on 2 CPU cores at batch 16).
+        channels_last: channels_last memory format for the frozen networks' training copies and
+            the training images (faster convolutions on GPUs and on CPUs: the ResNet-50 step took
+            0.74-0.85x the time on 2 CPU cores at batches 8 and 16). The original networks and the
+            attention, which the explainer and the metrics use, keep their format.
         compile: wrap the frozen networks' training copies in ``torch.compile``.
         compile_mode: ``torch.compile``'s mode with ``compile=True``: ``"default"``,
             ``"reduce-overhead"`` (the compiled passes replayed as CUDA graphs: one launch per pass
